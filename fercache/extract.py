@@ -1,0 +1,138 @@
+"""Stage one: encode every face of a split once and keep the features in the cache.
+
+The expensive step the design exists to do once. Per split: check whether the cache already holds
+it (seconds), decode the images, encode them in batches on the device, append each batch to a
+resumable part file, and commit the finished split into the cache atomically. Under `torchrun`
+each rank encodes a contiguous shard into its own part file and rank 0 commits them all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fercache.cache import PartFile, check_same, commit, fercache_version, read_meta, split_state
+from fercache.data import CLASSES, open_source
+from fercache.encoder import DEFAULT_MODEL, load_encoder, model_slug
+from fercache.errors import UserError
+
+TTA = ("none", "flip")
+
+
+@dataclass
+class Summary:
+    """One split's outcome, for the closing line of `fercache extract`."""
+
+    split: str
+    count: int
+    dim: int
+    seconds: float
+    cache: Path
+    skipped: bool = False
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return f"{self.split}: {self.count:,} x {self.dim} already complete in {self.cache} (skipped; --force redoes it)"
+        rate = self.count / self.seconds if self.seconds else float("inf")
+        return (f"{self.split}: {self.count:,} images -> {self.dim}-d in {self.seconds:.1f} s "
+                f"({rate:.1f} img/s) -> {self.cache}")
+
+
+def default_cache(model: str, preprocess: str, layers: list[int], tta: str) -> Path:
+    """`data/cache/<model-slug>__<preprocess>[__layers-…][__flip].h5` (under $FERCACHE_DATA if set)."""
+    name = f"{model_slug(model)}__{preprocess}"
+    if layers:
+        name += "__layers-" + "-".join(map(str, layers))
+    if tta != "none":
+        name += f"__{tta}"
+    return Path(os.environ.get("FERCACHE_DATA", "data")) / "cache" / f"{name}.h5"
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's place under torch.distributed (0 of 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def extract(data: str | os.PathLike | None = None, split: str = "train", model: str = DEFAULT_MODEL,
+            preprocess: str = "clip", device: str = "auto", dtype: str = "auto", batch_size: int = 64,
+            limit: int | None = None, cache: str | os.PathLike | None = None, force: bool = False,
+            layers: str | None = None, tta: str = "none", strict: bool = False,
+            progress: bool = True) -> list[Summary]:
+    """Encode `split` (or `all`: train and test) into the cache; returns one summary per split."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, not {limit}")
+    if tta not in TTA:
+        raise UserError(f"unknown --tta '{tta}': choose one of {', '.join(TTA)}")
+    source = open_source(data)
+    encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False)
+    meta = {**encoder.meta, "views": ["plain", "flip"] if tta == "flip" else ["plain"],
+            "classes": list(CLASSES), "fercache_version": fercache_version(),
+            "source": {"path": str(source.path), "format": source.format, "fingerprint": source.fingerprint()}}
+    path = Path(cache) if cache else default_cache(model, encoder.meta["preprocess"], encoder.layers, tta)
+    rank, world = rank_and_world()
+
+    replace = False  # True: the file holds something else and --force says to start it anew
+    if path.exists():
+        try:
+            check_same(read_meta(path), meta, path)
+        except UserError:
+            if not force:
+                raise
+            replace = True
+
+    summaries, todo = [], []
+    for name in (["train", "test"] if split == "all" else [split]):
+        count = len(source.select(name)[:limit])
+        selection = {"split": name, "limit": limit, "count": count}
+        if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
+            summaries.append(Summary(name, count, meta["dim"], 0.0, path, skipped=True))
+        else:
+            todo.append((name, selection))
+    if todo:
+        encoder = load_encoder(model, preprocess, device, dtype, layers)
+    for name, selection in todo:
+        start = time.perf_counter()
+        images = source.load(name, strict=strict, limit=limit)
+        bounds = np.linspace(0, len(images.ids), world + 1).astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        parts = [path.with_name(path.name + ".partial") / f"{name}.{r}-of-{world}.h5" for r in range(world)]
+        if force and parts[rank].exists():
+            parts[rank].unlink()
+        names = [f"{v}/{f}" if v != "plain" else f for v in meta["views"] for f in encoder.features]
+        part = PartFile(parts[rank], meta, images.ids[lo:hi], images.labels[lo:hi], images.usage[lo:hi],
+                        {n: meta["dim"] for n in names}, batch_size)
+        try:
+            with tqdm(total=hi - lo, initial=part.rows, unit="img", desc=f"extract {name}",
+                      disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+                for i in range(lo + part.rows, hi, batch_size):
+                    batch = images.pixels[i:min(i + batch_size, hi)]
+                    feats = encoder.encode(batch)
+                    if "flip" in meta["views"]:
+                        flipped = encoder.encode(np.ascontiguousarray(batch[:, :, ::-1]))
+                        feats.update({f"flip/{k}": v for k, v in flipped.items()})
+                    part.append(feats)
+                    bar.update(len(batch))
+        finally:
+            part.close()
+        barrier()
+        if rank == 0:
+            commit(path, name, parts, meta, selection, replace=replace)
+        replace = False
+        barrier()
+        summaries.append(Summary(name, len(images.ids), meta["dim"], time.perf_counter() - start, path))
+    return summaries

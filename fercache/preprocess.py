@@ -1,0 +1,132 @@
+"""Model inputs from FER2013's 48x48 uint8 arrays, made in batches on the model's device.
+
+Both recipes start from a gray face shown as 3 identical channels:
+- `clip`: exactly what the model's image processor does (for CLIP: shortest edge to 224 bicubic,
+  centre crop 224, CLIP's mean and std).
+- `seed`: the reference project's recipe: resize to the model's size, bilinear, mean 0.5, std 0.5.
+
+PIL resizes an 8-bit image in two separable passes (horizontal, then vertical) with fixed-point
+weights, rounding to uint8 after each. For a fixed 48 -> S resize each pass is a small matrix
+product, so a batch is resized with two matmuls over PIL's own integer weights: the same pixels as
+the processor's PIL path, bit for bit, without per-image PIL calls and without ever holding a whole
+split of 224x224 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fercache.data import SIZE
+from fercache.errors import UserError
+
+PREPROCESS = ("clip", "seed")
+PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling (32 - 8 - 2)
+
+
+def _sinc(x: float) -> float:
+    return 1.0 if x == 0 else math.sin(math.pi * x) / (math.pi * x)
+
+
+def _hamming(x: float) -> float:
+    x = abs(x)
+    return 1.0 if x == 0 else 0.0 if x >= 1 else math.sin(math.pi * x) / (math.pi * x) * (0.54 + 0.46 * math.cos(math.pi * x))
+
+
+def _bicubic(x: float, a: float = -0.5) -> float:
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+
+# PIL's filters by the integer codes image-processor configs store: (kernel, support).
+FILTERS: dict[int, tuple[Callable[[float], float], float]] = {
+    1: (lambda x: _sinc(x) * _sinc(x / 3) if -3 <= x < 3 else 0.0, 3.0),  # lanczos
+    2: (lambda x: max(0.0, 1 - abs(x)), 1.0),  # bilinear
+    3: (_bicubic, 2.0),
+    4: (lambda x: 1.0 if -0.5 < x <= 0.5 else 0.0, 0.5),  # box
+    5: (_hamming, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a 48x48 face becomes a model input: resize to `resize`, centre-crop to `crop`, normalise."""
+
+    name: str
+    resize: int
+    crop: int
+    resample: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float = 1 / 255
+
+
+def recipe_for(name: str, processor, image_size: int) -> Recipe:
+    """The recipe `name` for a model, given its image processor (needed for `clip` only)."""
+    if name == "seed":
+        return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if name != "clip":
+        raise UserError(f"unknown preprocessing '{name}': choose one of {', '.join(PREPROCESS)}")
+    size = processor.size if getattr(processor, "do_resize", True) else {"height": SIZE}
+    resize = size.get("shortest_edge") or size.get("height")
+    crop = processor.crop_size["height"] if getattr(processor, "do_center_crop", False) else resize
+    mean = processor.image_mean if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
+    std = processor.image_std if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0)
+    rescale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0
+    return Recipe("clip", int(resize), int(crop), int(processor.resample), tuple(mean), tuple(std),
+                  float(rescale))
+
+
+def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
+    """PIL's 8-bit 1-D resize as an integer (size_out x size_in) matrix of fixed-point weights.
+
+    A transcription of Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` (Resample.c):
+    output = clip((x @ W.T + 2**21) >> 22, 0, 255), exactly as PIL computes each pass.
+    """
+    if resample not in FILTERS:
+        raise UserError(f"resampling filter {resample} is not supported (use bilinear, bicubic, "
+                        "lanczos, box or hamming)")
+    kernel, support = FILTERS[resample]
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    weights = np.zeros((size_out, size_in))
+    for xx in range(size_out):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), size_in)
+        w = np.array([kernel((x - center + 0.5) / filterscale) for x in range(xmin, xmax)])
+        weights[xx, xmin:xmax] = w / w.sum() if w.sum() != 0 else w
+    return np.trunc(weights * (1 << PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
+
+
+class Preprocessor:
+    """Turns uint8 (B, 48, 48) batches into normalised (B, 3, crop, crop) model inputs."""
+
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype = torch.float32):
+        # float64 holds PIL's integer sums exactly; MPS has no float64 (then: within one level).
+        self.exact = torch.float32 if device.type == "mps" else torch.float64
+        w = resize_weights(SIZE, recipe.resize, recipe.resample)
+        top = (recipe.resize - recipe.crop) // 2
+        w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
+        self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+        self.rescale = recipe.rescale
+        self.device, self.dtype = device, dtype
+
+    def _pass(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor_((x + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)
+
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(pixels).to(self.device, non_blocking=True).to(self.exact)
+        x = self._pass(torch.matmul(x, self.wx))  # (B, 48, C): PIL's horizontal pass
+        x = self._pass(torch.matmul(self.wy, x))  # (B, C, C): then the vertical one
+        x = (x.float().unsqueeze(1) * self.rescale - self.mean) / self.std  # gray -> 3 channels
+        return x.to(self.dtype)
