@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random CLIP models saved to disk, small FER2013 look-alikes, the real zip."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fercache.data import CLASSES
+
+REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013.zip"
+
+
+@pytest.fixture(scope="session")
+def real_zip() -> Path:
+    """The real FER2013 zip beside the repo (CI has it; a user's fresh clone may not)."""
+    if not REAL_ZIP.exists():
+        pytest.skip(f"real FER2013 not found at {REAL_ZIP}")
+    return REAL_ZIP
+
+
+def save_tiny_clip(folder: Path, image_size: int = 224, layers: int = 2, seed: int = 0) -> Path:
+    """A random-weight CLIP vision model plus its image processor, saved like a hub checkout."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=32)
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def fake_faces(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random 48x48 uint8 'faces' with labels cycling through the 7 classes."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 48, 48), dtype=np.uint8), np.arange(n) % len(CLASSES)
+
+
+def _jpeg_free(pixels: np.ndarray) -> bytes:
+    """PNG, so the pixels survive encoding exactly and tests can compare them."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_fer_layout(per_split: dict[str, int], seed: int = 0) -> dict[str, tuple[bytes, np.ndarray, int]]:
+    """Kaggle-layout member paths -> (encoded image, pixels, label) for a small fake dataset."""
+    files = {}
+    for split, n in per_split.items():
+        pixels, labels = fake_faces(n, seed + len(files))
+        for i, (p, y) in enumerate(zip(pixels, labels)):
+            prefix = "Training" if split == "train" else ("PublicTest" if i % 2 else "PrivateTest")
+            files[f"{split}/{CLASSES[y]}/{prefix}_{1000 + i}.png"] = (_jpeg_free(p), p, int(y))
+    return files
+
+
+@pytest.fixture
+def fer_zip(tmp_path) -> Path:
+    """A small FER2013 zip in Kaggle's layout: 21 train and 14 test images."""
+    path = tmp_path / "fer2013.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, (data, _, _) in make_fer_layout({"train": 21, "test": 14}).items():
+            z.writestr(name, data)
+    return path
+
+
+def write_fer_csv(path: Path, pixels: np.ndarray, labels: np.ndarray, usages: list[str],
+                  icml: bool = False) -> Path:
+    """Write the challenge CSV (`fer2013.csv`, or `icml_face_data.csv` with its spaced header)."""
+    with open(path, "w") as f:
+        f.write("emotion, Usage, pixels\n" if icml else "emotion,pixels,Usage\n")
+        for p, y, u in zip(pixels, labels, usages):
+            px = " ".join(map(str, p.ravel()))
+            f.write(f"{y},{u},{px}\n" if icml else f"{y},{px},{u}\n")
+    return path
