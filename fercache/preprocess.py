@@ -87,7 +87,8 @@ def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
     """PIL's 8-bit 1-D resize as an integer (size_out x size_in) matrix of fixed-point weights.
 
     A transcription of Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` (Resample.c):
-    output = clip((x @ W.T + 2**21) >> 22, 0, 255), exactly as PIL computes each pass.
+    output = clip((x @ W.T + 2**21) >> 22, 0, 255), exactly as PIL computes each pass (the
+    `Preprocessor` divides W by 2**22 up front, exact for a power of 2, and rounds half up).
     """
     if resample not in FILTERS:
         raise UserError(f"resampling filter {resample} is not supported (use bilinear, bicubic, "
@@ -112,21 +113,19 @@ class Preprocessor:
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype = torch.float32):
         # float64 holds PIL's integer sums exactly; MPS has no float64 (then: within one level).
         self.exact = torch.float32 if device.type == "mps" else torch.float64
-        w = resize_weights(SIZE, recipe.resize, recipe.resample)
+        w = resize_weights(SIZE, recipe.resize, recipe.resample) / (1 << PRECISION_BITS)  # exact: a power of 2
         top = (recipe.resize - recipe.crop) // 2
         w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
         self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
-        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
-        self.rescale = recipe.rescale
+        mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)
+        # normalise as one multiply-add per channel: (x * rescale - mean) / std
+        self.scale = (recipe.rescale / std).view(1, 3, 1, 1).to(device)
+        self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
         self.device, self.dtype = device, dtype
-
-    def _pass(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.floor_((x + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(pixels).to(self.device, non_blocking=True).to(self.exact)
-        x = self._pass(torch.matmul(x, self.wx))  # (B, 48, C): PIL's horizontal pass
-        x = self._pass(torch.matmul(self.wy, x))  # (B, C, C): then the vertical one
-        x = (x.float().unsqueeze(1) * self.rescale - self.mean) / self.std  # gray -> 3 channels
+        x = torch.matmul(x, self.wx).add_(0.5).floor_().clamp_(0, 255)  # (B, 48, C): PIL's horizontal pass
+        x = torch.matmul(self.wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, C, C): then the vertical one
+        x = torch.addcmul(self.shift, x.float().unsqueeze(1), self.scale)  # gray -> 3 normalised channels
         return x.to(self.dtype)

@@ -79,9 +79,10 @@ def fer_zip(tmp_path) -> Path:
 def write_fer_csv(path: Path, pixels: np.ndarray, labels: np.ndarray, usages: list[str],
                   icml: bool = False) -> Path:
     """Write the challenge CSV (`fer2013.csv`, or `icml_face_data.csv` with its spaced header)."""
+    text = [str(v) for v in range(256)]
     with open(path, "w") as f:
         f.write("emotion, Usage, pixels\n" if icml else "emotion,pixels,Usage\n")
         for p, y, u in zip(pixels, labels, usages):
-            px = " ".join(map(str, p.ravel()))
+            px = " ".join([text[v] for v in p.ravel().tolist()])
             f.write(f"{y},{u},{px}\n" if icml else f"{y},{px},{u}\n")
     return path
