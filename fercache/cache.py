@@ -126,7 +126,7 @@ class PartFile:
             self.file.create_dataset("usage", data=np.array(usage, dtype=object), dtype=STR)
             for name, dim in dims.items():
                 self.file.create_dataset(name, shape=(len(ids), dim), dtype=np.float32,
-                                         chunks=(max(1, min(chunk, len(ids))), dim))
+                                         chunks=(min(chunk, len(ids)), dim) if ids else None)
             self.file.flush()
         self.rows = int(self.file.attrs["rows"])
 
@@ -248,9 +248,10 @@ def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int |
             names = [feature_name(layer, v) for v in (("plain", "flip") if view == "mean" else (view,))]
             for name in names:
                 if name not in group:
-                    what = f"layer {layer}" if layer is not None else f"the {view} view"
+                    no_layer = layer is not None and layer not in (meta.get("layers") or [])
+                    what, how = (f"layer {layer}", "--layers") if no_layer else (f"the {view} view", "--tta flip")
                     raise UserError(f"{path}: {what} is not stored (layers: {meta.get('layers') or 'none'}, "
-                                    f"views: {', '.join(meta.get('views', ['plain']))}); extract it first")
+                                    f"views: {', '.join(meta.get('views', ['plain']))}); extract it with {how}")
             x = np.mean([group[n][:] for n in names], axis=0) if len(names) > 1 else group[names[0]][:]
             y, i = group["labels"][:], [s.decode() for s in group["ids"][:]]
             if usage is not None:

@@ -70,12 +70,195 @@ def extract(
     tta: str = typer.Option("none", help="none, or flip: also embed the mirrored faces."),
     strict: bool = typer.Option(False, "--strict", help="An unreadable image is an error, not a warning."),
 ) -> None:
-    """Stage one: encode FER2013 with a frozen vision model, once, into an HDF5 cache."""
+    """Stage one: encode FER2013 with a frozen vision model, once, into an HDF5 cache.
+
+    Under `torchrun --nproc-per-node N -m fercache extract ...` each rank encodes a shard.
+    """
+    from fercache.distributed import RankFailed, barrier, torchrun_group
     from fercache.extract import extract as run_extract
 
-    for summary in run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
-                               force, layers, tta, strict):
+    with torchrun_group(device) as (device, rank):
+        try:
+            summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
+                                    force, layers, tta, strict)
+        except RankFailed as exc:  # raised on every rank: rank 0 says it once, the others wait till it has
+            if rank == 0:
+                typer.echo(f"fercache: error: {exc}", err=True)
+            if not exc.crashed:  # (a crashed rank is gone already, its traceback said it)
+                barrier()  # torchrun stops all ranks when the first one exits
+            raise typer.Exit(2) from None
+    if rank == 0:
+        for summary in summaries:
+            typer.echo(str(summary))
+
+
+@app.command()
+def probe(
+    cache: Path = typer.Option(..., help="A cache extracted with --layers (train and test)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for probe.json and probe.png [default: runs/<cache-stem>-probe]."),
+    method: str = typer.Option("linear", help="linear (torch Adam) or logreg (scikit-learn)."),
+    views: str = typer.Option("plain", help="plain, flip or mean (the two averaged; needs --tta flip)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fit a head per stored layer (and the pooled feature): which block knows most about expression."""
+    from fercache.probe import probe as run_probe
+    from fercache.probe import probe_table
+    from fercache.report import format_table
+
+    result = run_probe(cache, out, method, views)
+    if as_json:
+        return _emit(result)
+    typer.echo(f"{result['model']}: {method} probe on {result['train_count']:,} train, "
+               f"{result['test_count']:,} test faces ({views} view)")
+    typer.echo(format_table(*probe_table(result)))
+    typer.echo(f"best: layer {result['best_layer']}; wrote {result['files']['json']} and {result['files']['plot']}")
+
+
+@app.command()
+def zeroshot(
+    data: Optional[Path] = DataOpt,
+    split: str = typer.Option("test", help="train, test, public_test, private_test or all."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images of the split."),
+    model: str = typer.Option("openai/clip-vit-base-patch32", help="Hub id or local folder of a full CLIP model "
+                              "(vision and text towers)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """CLIP's zero-shot guess from text prompts alone: the baseline a linear probe must beat."""
+    from fercache.report import format_table
+    from fercache.zeroshot import zeroshot as run_zeroshot
+
+    summary = run_zeroshot(data, split, limit, model, device, batch_size).summary()
+    if as_json:
+        return _emit(summary)
+    typer.echo(f"{model} zero-shot on {summary['count']:,} {split} faces ({len(summary['templates'])} prompts "
+               f"per class): accuracy {summary['accuracy']:.4f}")
+    typer.echo(format_table(["class", "recall"], list(summary["per_class_recall"].items())))
+
+
+@app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/*) holding metrics.json."),
+            as_json: bool = JsonOpt) -> None:
+    """One table across runs: model, preprocessing, method, views, layer, test accuracy, macro-F1."""
+    from fercache.probe import compare as run_compare
+    from fercache.probe import compare_table
+    from fercache.report import format_table
+
+    rows = run_compare(runs)
+    if as_json:
+        return _emit({"runs": rows})
+    typer.echo(format_table(*compare_table(rows)))
+
+
+MethodOpt = typer.Option("linear", help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
+                         "logistic regression, C chosen on a validation part of train.")
+EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
+
+
+def _echo_fit(result) -> None:
+    """The epoch table (or logreg's C search), the test figures and where the files are."""
+    from fercache.report import format_table
+
+    m = result.metrics
+    if m["method"] == "linear":
+        keys = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+        typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
+    else:
+        keys = ["C", "val_loss", "val_acc", "n_iter"]
+        typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in m["logreg"]["validation"]]))
+        typer.echo(f"chosen C = {m['logreg']['C']:g} (on a {m['logreg']['val_fraction']:.0%} validation part of train)")
+    typer.echo(f"test accuracy {m['test_accuracy']:.4f} (public {m['public_test_accuracy']:.4f}, private "
+               f"{m['private_test_accuracy']:.4f}), macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; "
+               f"fitted in {m['fit_seconds']:.2f} s")
+    typer.echo(f"wrote {result.out}/: metrics.json, history.csv, confusion.png, curves.png, head.safetensors, head.json")
+
+
+@app.command()
+def fit(
+    cache: Optional[Path] = typer.Option(None, help="Cache with train and test "
+                                         "[default: data/cache/openai--clip-vit-base-patch32__clip.h5]."),
+    method: str = MethodOpt,
+    epochs: int = EpochsOpt,
+    lr: float = typer.Option(1e-3, help="Adam's learning rate (linear)."),
+    batch_size: int = typer.Option(256, help="Minibatch size (linear)."),
+    weight_decay: float = typer.Option(0.0, help="Adam's weight decay (linear)."),
+    seed: int = typer.Option(0, help="Seeds initialisation, shuffling and logreg's validation split."),
+    standardize: bool = typer.Option(True, "--standardize/--no-standardize",
+                                     help="Scale features to zero mean, unit variance on train (kept in the head)."),
+    layer: Optional[int] = typer.Option(None, help="Train on the CLS after block K (needs extract --layers)."),
+    views: str = typer.Option("plain", help="plain, flip or mean (plain and mirrored averaged; needs --tta flip)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+) -> None:
+    """Stage two: fit a linear head on the cached train features, report on test, save the head."""
+    from fercache.fit import fit as run_fit
+
+    _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out))
+
+
+@app.command()
+def evaluate(
+    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache to score on [default: the default model's cache]."),
+    split: str = typer.Option("test", help="train, test, public_test, private_test or all."),
+    out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Score a saved head on a split of a cache made with the same model and preprocessing."""
+    from fercache.fit import evaluate as run_evaluate
+    from fercache.report import format_table
+
+    report = run_evaluate(cache, head, split, out)
+    if as_json:
+        return _emit(report)
+    parts = "".join(f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in report.items()
+                    if k.endswith("_accuracy"))
+    typer.echo(f"{split}: accuracy {report['accuracy']:.4f}{parts}, macro-F1 {report['macro_f1']:.4f} "
+               f"on {report['count']:,} faces")
+    keys = ["precision", "recall", "f1", "support"]
+    typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files of any size, gray or colour."),
+    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    detect_face: bool = typer.Option(False, "--detect-face", help="Crop the largest face (OpenCV Haar cascade) first."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Label new images: made 48x48 gray like FER2013, encoded like stage one, scored by the head."""
+    from fercache.fit import predict as run_predict
+    from fercache.report import format_table
+
+    results = run_predict(head, images, device, detect_face)
+    if as_json:
+        return typer.echo(json.dumps(results, indent=2))
+    classes = list(results[0]["probs"])
+    typer.echo(format_table(["image", "label", *classes], [[r["image"], r["label"], *r["probs"].values()]
+                                                          for r in results]))
+
+
+@app.command()
+def run(
+    data: Optional[Path] = DataOpt,
+    model: str = typer.Option("openai/clip-vit-base-patch32", help="Hub id or local folder, or `pixels`."),
+    preprocess: str = typer.Option("clip", help="clip or seed (see `fercache extract --help`)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(64, help="Images per forward pass of the encoder."),
+    method: str = MethodOpt,
+    epochs: int = EpochsOpt,
+    limit: Optional[int] = typer.Option(None, help="Only the first N images of train and of test, for quick trials."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+) -> None:
+    """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
+    from fercache.fit import run as run_all
+
+    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, out)
+    for summary in summaries:
         typer.echo(str(summary))
+    _echo_fit(result)
 
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:

@@ -85,11 +85,7 @@ class Source:
             raise UserError(f"unknown split '{split}': choose one of {', '.join(SPLIT_CHOICES)}")
         if split == "all":
             return self.select("train") + self.select("test")
-        if split == "test":
-            wanted = {"public_test", "private_test", "test"}
-        else:
-            wanted = {split}
-        chosen = [e for e in self.entries if e.usage in wanted]
+        chosen = [e for e in self.entries if e.usage in _usages(split)]
         if not chosen:
             raise UserError(f"{self.path}: no images in split '{split}'")
         return chosen
@@ -111,8 +107,7 @@ class Source:
         """Format and per-split, per-class counts (the JSON of `fercache info`)."""
         splits = {}
         for split in SPLITS:
-            rows = [e for e in self.entries if e.usage in ({"public_test", "private_test", "test"}
-                                                           if split == "test" else {split})]
+            rows = [e for e in self.entries if e.usage in _usages(split)]
             counts = np.bincount([e.label for e in rows], minlength=len(CLASSES))
             splits[split] = {"count": len(rows),
                              "per_class": {c: int(n) for c, n in zip(CLASSES, counts)}}
@@ -210,6 +205,11 @@ def load_images(source: str | os.PathLike | None = None, split: str = "train",
                 strict: bool = False, limit: int | None = None) -> FERImages:
     """Read one split of FER2013 from a folder, zip or CSV: `pixels`, `labels`, `ids`, `classes`."""
     return open_source(source).load(split, strict=strict, limit=limit)
+
+
+def _usages(split: str) -> set[str]:
+    """The row usages a split is made of (`test` is both halves, plus test images of unknown origin)."""
+    return {"public_test", "private_test", "test"} if split == "test" else {split}
 
 
 def _usage_of(top: str, name: str) -> str:

@@ -3,7 +3,8 @@
 Any Hugging Face CLIP-family vision tower loads through the same path (hub id or local folder,
 honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE; never `trust_remote_code`). The feature is the
 model's `pooler_output` (for CLIP the post-layernorm CLS token, what CLIP's paper probes); with
-`layers`, the CLS token after chosen blocks, normalised the way the pooled output is. `pixels` is
+`layers`, the CLS token after chosen blocks, normalised the way the pooled output is (SigLIP has
+no CLS token: there, the mean of its layer-normed tokens). `pixels` is
 a floor for every table: the raw 48x48 pixels as a 2,304-d vector, no network at all.
 """
 
@@ -100,9 +101,12 @@ class Encoder:
         out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers))
         feats = {"embeddings": out.pooler_output}
         if self.layers:
-            norm = getattr(self.model.vision_model, "post_layernorm", None) or torch.nn.Identity()
+            tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
+            norm = getattr(tower, "post_layernorm", None) or torch.nn.Identity()
+            has_cls = hasattr(tower.embeddings, "class_embedding")  # SigLIP has none: pool its tokens
             for k in self.layers:
-                feats[f"layers/{k}"] = norm(out.hidden_states[k][:, 0])
+                h = out.hidden_states[k]
+                feats[f"layers/{k}"] = norm(h[:, 0]) if has_cls else norm(h).mean(1)
         return {name: f.float().cpu().numpy() for name, f in feats.items()}
 
 

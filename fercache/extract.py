@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
 from fercache.cache import PartFile, check_same, commit, fercache_version, read_meta, split_state
 from fercache.data import CLASSES, open_source
+from fercache.distributed import agree, rank_and_world, step
 from fercache.encoder import DEFAULT_MODEL, load_encoder, model_slug
-from fercache.errors import UserError
+from fercache.errors import FERCacheWarning, UserError
 
 TTA = ("none", "flip")
 
@@ -54,85 +55,92 @@ def default_cache(model: str, preprocess: str, layers: list[int], tta: str) -> P
     return Path(os.environ.get("FERCACHE_DATA", "data")) / "cache" / f"{name}.h5"
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's place under torch.distributed (0 of 1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def extract(data: str | os.PathLike | None = None, split: str = "train", model: str = DEFAULT_MODEL,
             preprocess: str = "clip", device: str = "auto", dtype: str = "auto", batch_size: int = 64,
             limit: int | None = None, cache: str | os.PathLike | None = None, force: bool = False,
             layers: str | None = None, tta: str = "none", strict: bool = False,
             progress: bool = True) -> list[Summary]:
-    """Encode `split` (or `all`: train and test) into the cache; returns one summary per split."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, not {limit}")
-    if tta not in TTA:
-        raise UserError(f"unknown --tta '{tta}': choose one of {', '.join(TTA)}")
-    source = open_source(data)
-    encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False)
-    meta = {**encoder.meta, "views": ["plain", "flip"] if tta == "flip" else ["plain"],
-            "classes": list(CLASSES), "fercache_version": fercache_version(),
-            "source": {"path": str(source.path), "format": source.format, "fingerprint": source.fingerprint()}}
-    path = Path(cache) if cache else default_cache(model, encoder.meta["preprocess"], encoder.layers, tta)
+    """Encode `split` (or `all`: train and test) into the cache; returns one summary per split.
+
+    Under torchrun (see `fercache.distributed`) every rank runs this with the same arguments: each
+    encodes its shard of every split, rank 0 commits them, and a failure on any rank stops all.
+    """
     rank, world = rank_and_world()
+    with step():  # every rank reads the cache here, before any rank commits to it
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be at least 1, not {limit}")
+        if tta not in TTA:
+            raise UserError(f"unknown --tta '{tta}': choose one of {', '.join(TTA)}")
+        source = open_source(data)
+        encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False)
+        meta = {**encoder.meta, "views": ["plain", "flip"] if tta == "flip" else ["plain"],
+                "classes": list(CLASSES), "fercache_version": fercache_version(),
+                "source": {"path": str(source.path), "format": source.format, "fingerprint": source.fingerprint()}}
+        path = Path(cache) if cache else default_cache(model, encoder.meta["preprocess"], encoder.layers, tta)
 
-    replace = False  # True: the file holds something else and --force says to start it anew
-    if path.exists():
-        try:
-            check_same(read_meta(path), meta, path)
-        except UserError:
-            if not force:
-                raise
-            replace = True
+        replace = False  # True: the file holds something else and --force says to start it anew
+        if path.exists():
+            try:
+                check_same(read_meta(path), meta, path)
+            except UserError:
+                if not force:
+                    raise
+                replace = True
 
-    summaries, todo = [], []
-    for name in (["train", "test"] if split == "all" else [split]):
-        count = len(source.select(name)[:limit])
-        selection = {"split": name, "limit": limit, "count": count}
-        if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
-            summaries.append(Summary(name, count, meta["dim"], 0.0, path, skipped=True))
-        else:
-            todo.append((name, selection))
-    if todo:
-        encoder = load_encoder(model, preprocess, device, dtype, layers)
+        summaries, todo = [], []
+        for name in (["train", "test"] if split == "all" else [split]):
+            count = len(source.select(name)[:limit])
+            selection = {"split": name, "limit": limit, "count": count}
+            if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
+                summaries.append(Summary(name, count, meta["dim"], 0.0, path, skipped=True))
+            else:
+                todo.append((name, selection))
+    agree(data_and_model=meta, cache_state=(replace, todo))
+    with step():
+        if todo:
+            encoder = load_encoder(model, preprocess, device, dtype, layers)
     for name, selection in todo:
         start = time.perf_counter()
-        images = source.load(name, strict=strict, limit=limit)
-        bounds = np.linspace(0, len(images.ids), world + 1).astype(int)
-        lo, hi = bounds[rank], bounds[rank + 1]
         parts = [path.with_name(path.name + ".partial") / f"{name}.{r}-of-{world}.h5" for r in range(world)]
-        if force and parts[rank].exists():
-            parts[rank].unlink()
-        names = [f"{v}/{f}" if v != "plain" else f for v in meta["views"] for f in encoder.features]
-        part = PartFile(parts[rank], meta, images.ids[lo:hi], images.labels[lo:hi], images.usage[lo:hi],
-                        {n: meta["dim"] for n in names}, batch_size)
-        try:
-            with tqdm(total=hi - lo, initial=part.rows, unit="img", desc=f"extract {name}",
-                      disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-                for i in range(lo + part.rows, hi, batch_size):
-                    batch = images.pixels[i:min(i + batch_size, hi)]
-                    feats = encoder.encode(batch)
-                    if "flip" in meta["views"]:
-                        flipped = encoder.encode(np.ascontiguousarray(batch[:, :, ::-1]))
-                        feats.update({f"flip/{k}": v for k, v in flipped.items()})
-                    part.append(feats)
-                    bar.update(len(batch))
-        finally:
-            part.close()
-        barrier()
-        if rank == 0:
-            commit(path, name, parts, meta, selection, replace=replace)
+        with step():
+            with warnings.catch_warnings():
+                if rank:  # every rank decodes the whole split; rank 0 tells of skipped images
+                    warnings.simplefilter("ignore", FERCacheWarning)
+                images = source.load(name, strict=strict, limit=limit)
+            # Shards of whole batches: every rank encodes the very batches one process would, same arrays.
+            batches = -(-len(images.ids) // batch_size)
+            if batches < world:
+                raise UserError(f"{world} ranks for {batches} batch(es) of '{name}': use fewer ranks "
+                                "or a smaller --batch-size")
+            bounds = np.minimum(np.linspace(0, batches, world + 1).astype(int) * batch_size, len(images.ids))
+            lo, hi = bounds[rank], bounds[rank + 1]
+            if force and parts[rank].exists():
+                parts[rank].unlink()  # only its own part: the other ranks are writing theirs
+            names = [f"{v}/{f}" if v != "plain" else f for v in meta["views"] for f in encoder.features]
+            part = PartFile(parts[rank], meta, images.ids[lo:hi], images.labels[lo:hi], images.usage[lo:hi],
+                            {n: meta["dim"] for n in names}, batch_size)
+            try:
+                with tqdm(total=hi - lo, initial=part.rows, unit="img", desc=f"extract {name}",
+                          disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+                    for i in range(lo + part.rows, hi, batch_size):
+                        batch = images.pixels[i:min(i + batch_size, hi)]
+                        feats = encoder.encode(batch)
+                        if "flip" in meta["views"]:
+                            flipped = encoder.encode(np.ascontiguousarray(batch[:, :, ::-1]))
+                            feats.update({f"flip/{k}": v for k, v in flipped.items()})
+                        part.append(feats)
+                        bar.update(len(batch))
+            finally:
+                part.close()
+        with step():
+            if rank == 0:
+                missing = [p for p in parts if not p.exists()]
+                if missing:
+                    raise UserError(f"{missing[0]}: a rank's part file is not here; with several machines "
+                                    "the cache must be on a filesystem they all share")
+                commit(path, name, parts, meta, selection, replace=replace)
         replace = False
-        barrier()
         summaries.append(Summary(name, len(images.ids), meta["dim"], time.perf_counter() - start, path))
     return summaries

@@ -1,8 +1,12 @@
-"""What people read: plain-text tables (and, in stage two, metrics and PNG plots)."""
+"""What people read: plain-text tables, classification metrics and PNG plots."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -22,3 +26,73 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     return "\n".join(lines)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows = true).
+
+    Plain numpy: the same figures as scikit-learn's (zero where a class is never predicted),
+    without its import on every `fercache fit`.
+    """
+    k = len(classes)
+    confusion = np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
+    tp, support, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    return {
+        "accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "macro_f1": float(f1.mean()),
+        "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
+                   title: str = "") -> Path:
+    """The confusion matrix as a PNG: colour is the share of each true class, cells give counts."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    counts = np.asarray(confusion)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(6.4, 5.6), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of true class")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, f"{n:,}", ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch", title: str = "") -> Path:
+    """Loss and accuracy against `x` as a PNG: every `*_loss` and `*_acc` column of `rows`.
+
+    Epoch rows give training curves; `x="C"` rows (logreg's search) a log-scale validation curve.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    xs = [r[x] for r in rows]
+    for ax, suffix, label in zip(fig.subplots(1, 2), ("_loss", "_acc"), ("cross-entropy", "accuracy")):
+        for key in (k for k in rows[0] if k.endswith(suffix)):
+            ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, label=key.removesuffix(suffix))
+        if x == "C":
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -1,0 +1,147 @@
+"""Stage one on several processes and machines: join torchrun's group, fail together.
+
+`torchrun` starts one process per GPU (or several on a CPU) and tells each its place through the
+environment (RANK, LOCAL_RANK, WORLD_SIZE, ...). `torchrun_group` joins them into a process group;
+`extract` then shards each split by rank. Collectives wait for every rank, so a rank that fails
+alone would leave the others waiting: each stretch of work between two sync points runs inside
+`step`, which shares a failure with all ranks so that every rank stops with that rank's message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fercache.encoder import pick_device
+from fercache.errors import UserError
+
+
+class RankFailed(UserError):
+    """A failure on one rank, raised on every rank at the sync point that shares it.
+
+    `crashed`: the failing rank raised its own exception instead (a bug, not a user error).
+    """
+
+    def __init__(self, message: str, crashed: bool = False):
+        super().__init__(message)
+        self.crashed = crashed
+
+
+def launched() -> bool:
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's place under torch.distributed (0 of 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def rank_device(device: str = "auto") -> str:
+    """The device this rank computes on: `auto` and `cuda` become its own GPU, `cuda:<LOCAL_RANK>`."""
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"local rank {dev.index} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                            "start at most one rank per GPU (--nproc-per-node)")
+    return str(dev)
+
+
+def cpu_threads() -> int:
+    """This machine's cores shared among its ranks.
+
+    torchrun sets OMP_NUM_THREADS=1 for every rank unless the user set it, which leaves all but
+    one core per rank idle; any other value is the user's and is kept.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@contextmanager
+def torchrun_group(device: str = "auto") -> Iterator[tuple[str, int]]:
+    """Join torchrun's process group for the block (when launched by it); yields (device, rank).
+
+    NCCL with one GPU per local rank when the device is CUDA, gloo otherwise. Outside torchrun, or
+    when the caller already set up a group, it changes nothing.
+    """
+    if not launched() or dist.is_initialized():
+        yield device, rank_and_world()[0]
+        return
+    device = rank_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    elif device == "cpu":
+        torch.set_num_threads(cpu_threads())
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device, dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather(value: Any) -> list[Any]:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+@contextmanager
+def step() -> Iterator[None]:
+    """Work every rank does up to a sync point; if it failed on any rank, it fails on all.
+
+    Every rank raises `RankFailed('rank N: <message>')` with the first failing rank's one-line
+    message; a rank that failed with something other than a `UserError` (a bug) re-raises its
+    own exception, traceback and all. Outside a process group it is transparent.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # shared below, then raised on every rank
+        error = exc
+    message = None
+    if error is not None:
+        text = (str(error).strip().splitlines() or [""])[0]
+        message = text if isinstance(error, UserError) else f"{type(error).__name__}: {text}".rstrip(": ")
+    shared = _gather((message, error is None or isinstance(error, UserError)))
+    failed = next((r for r, (m, _) in enumerate(shared) if m is not None), None)
+    if failed is None:
+        return
+    if error is not None and not isinstance(error, UserError):
+        raise error
+    crashed = not all(user_error for _, user_error in shared)
+    raise RankFailed(f"rank {failed}: {shared[failed][0]}", crashed=crashed) from None
+
+
+def agree(**values: Any) -> None:
+    """Refuse to go on unless every rank holds the same values (a sync point itself).
+
+    Ranks on other machines may see other files under the same paths: other data, another model
+    revision, a cache folder that is not shared. Mixing their rows would make a wrong cache.
+    """
+    if rank_and_world()[1] == 1:
+        return
+    every = _gather(values)
+    for r, theirs in enumerate(every):
+        differ = [name.replace("_", " ") for name in values if theirs[name] != every[0][name]]
+        if differ:
+            raise RankFailed(f"rank {r}: {', '.join(differ)}: not the same as on rank 0; every machine must "
+                             "see the same data and model, and the cache on a filesystem they all share")

@@ -1,0 +1,119 @@
+"""CLIP's zero-shot guess: the baseline a trained linear probe has to beat.
+
+No training: each class is the average of CLIP's normalised text embeddings of a few prompts
+(CLIP's own FER2013 templates, from the paper's evaluation suite), and each face goes to the class
+whose text embedding is nearest by cosine to its projected image embedding. The faces reach the
+model through stage one's exact `clip` preprocessing, so the image side is the one the cache holds
+(before the projection). CLIP_benchmark reports 40.9% for ViT-B/32 (openai) on FER2013's test set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fercache.data import CLASSES, open_source
+from fercache.encoder import DEFAULT_MODEL, pick_device
+from fercache.errors import UserError
+from fercache.preprocess import Preprocessor, recipe_for
+
+# CLIP's prompts for FER2013 (openai/CLIP, data/prompts.md) and the class names they were written
+# for, here in FER2013's label order.
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} looking face.",
+    "a photo of a face showing the emotion: {c}.",
+    "a photo of a face looking {c}.",
+    "a face that looks {c}.",
+    "they look {c}.",
+    "look at how {c} they are.",
+)
+CLASS_NAMES: tuple[str, ...] = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
+
+
+@dataclass
+class ZeroShotResult:
+    """Per-image predictions and cosine scores, plus what `summary` reports."""
+
+    model: str
+    split: str
+    ids: list[str]
+    labels: np.ndarray
+    pred: np.ndarray
+    scores: np.ndarray  # (N, 7) cosine similarity of each face to each class
+
+    def summary(self) -> dict:
+        """Accuracy and per-class recall (the JSON of `fercache zeroshot`)."""
+        recall = {c: float(np.mean(self.pred[self.labels == i] == i)) if np.any(self.labels == i) else None
+                  for i, c in enumerate(CLASSES)}
+        return {"model": self.model, "split": self.split, "count": len(self.ids),
+                "accuracy": float(np.mean(self.pred == self.labels)), "per_class_recall": recall,
+                "templates": list(TEMPLATES), "class_names": dict(zip(CLASSES, CLASS_NAMES))}
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 4 returns the projected features as a tensor, 5 as an output's `pooler_output`."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_clip(model: str, device: torch.device):
+    """A full CLIP model (both towers), its tokenizer and stage one's `clip` preprocessing."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    def first_line(exc: Exception) -> str:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{model}': {first_line(exc)}") from None
+    if config.model_type != "clip" or getattr(config, "text_config", None) is None:
+        raise UserError(f"model '{model}' ({config.model_type}) has no CLIP text tower; zero-shot needs a full "
+                        f"CLIP model such as {DEFAULT_MODEL}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        processor = AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"model '{model}' lacks a usable tokenizer or image processor: {first_line(exc)}") from None
+    net = CLIPModel.from_pretrained(model, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    prep = Preprocessor(recipe_for("clip", processor, config.vision_config.image_size), device)
+    return net, tokenizer, prep
+
+
+@torch.inference_mode()
+def class_embeddings(net, tokenizer, device: torch.device) -> torch.Tensor:
+    """(7, P): per class, the mean of its prompts' normalised text embeddings, normalised again."""
+    rows = []
+    for name in CLASS_NAMES:
+        tokens = tokenizer([t.format(c=name) for t in TEMPLATES], padding=True, return_tensors="pt").to(device)
+        emb = _features(net.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        rows.append(torch.nn.functional.normalize(emb, dim=-1).mean(0))
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
+             model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 64,
+             progress: bool = True) -> ZeroShotResult:
+    """Classify a split of FER2013 with CLIP's text prompts alone (no training)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, not {limit}")
+    source = open_source(data)  # the index only: a wrong path fails before the model loads
+    dev = pick_device(device)
+    net, tokenizer, prep = load_clip(model, dev)
+    images = source.load(split, limit=limit)
+    text = class_embeddings(net, tokenizer, dev)
+    scores = []
+    with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=f"zeroshot {split}",
+                                      disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(images), batch_size):
+            batch = images.pixels[i:i + batch_size]
+            emb = _features(net.get_image_features(pixel_values=prep(batch)))
+            scores.append((torch.nn.functional.normalize(emb, dim=-1) @ text.T).float().cpu().numpy())
+            bar.update(len(batch))
+    scores_np = np.concatenate(scores)
+    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np)

@@ -1,0 +1,237 @@
+"""Stage two: heads on cached features, their reports, saved heads, `predict` and the errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_fer_layout
+from fercache.cache import PartFile, commit
+from fercache.cli import app
+from fercache.data import CLASSES, to_gray48
+from fercache.errors import FERCacheWarning, UserError
+from fercache.fit import evaluate, fit
+from fercache.heads import Head, fit_linear, fit_logreg
+
+
+def synthetic(n: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features around one random centre per class (shared by all seeds); `sep` sets how far apart."""
+    centres = np.random.default_rng(1234).normal(size=(len(CLASSES), dim))
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % len(CLASSES)
+    return (centres[y] * sep + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def write_cache(path: Path, dim: int = 16, sep: float = 3.0, model: str = "synthetic", n: int = 2800,
+                splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """A cache-shaped HDF5 of synthetic features, written through the cache's own part files and commit."""
+    meta = {"model": model, "model_revision": "", "preprocess": "none", "feature": "synthetic", "dtype": "float32",
+            "image_size": 48, "dim": dim, "layers": [], "views": ["plain"], "classes": list(CLASSES),
+            "fercache_version": "test", "source": {"path": "synthetic", "format": "synthetic", "fingerprint": "s"}}
+    for i, split in enumerate(splits):
+        X, y = synthetic(n if split == "train" else n // 2, dim, sep, seed=i)
+        usage = ["train"] * len(y) if split == "train" else ["public_test", "private_test"] * (len(y) // 2)
+        part = path.with_name(path.name + ".partial") / f"{split}.0-of-1.h5"
+        rows = PartFile(part, meta, [f"{split}/{j}" for j in range(len(y))], y, usage, {"embeddings": dim}, 128)
+        rows.append({"embeddings": X})
+        rows.close()
+        commit(path, split, [part], meta, {"split": split, "limit": None, "count": len(y)})
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fercache", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory) -> tuple[Path, Path]:
+    """A separable synthetic cache and the linear run fitted on it."""
+    folder = tmp_path_factory.mktemp("easy")
+    cache = write_cache(folder / "easy.h5")
+    fit(cache, out=folder / "run")
+    return cache, folder / "run"
+
+
+def test_linear_fit_learns_reports_and_writes_the_run(easy):
+    cache, run = easy
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["test_accuracy"] > 0.95 and m["public_test_accuracy"] > 0.95 and m["private_test_accuracy"] > 0.95
+    assert [r["epoch"] for r in m["history"]] == list(range(1, 21))
+    assert set(m["history"][0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc"}
+    assert m["history"][-1]["test_acc"] == pytest.approx(m["test_accuracy"], abs=1e-6)
+    assert np.array(m["confusion"]).sum() == m["test_count"] == 1400
+    assert np.trace(m["confusion"]) == round(m["test_accuracy"] * 1400)
+    assert list(m["per_class"]) == list(CLASSES) and sum(r["support"] for r in m["per_class"].values()) == 1400
+    assert m["settings"]["epochs"] == 20 and m["cache"]["path"] == str(cache) and m["cache"]["meta"]["dim"] == 16
+    assert (m["method"], m["model"], m["preprocess"], m["views"], m["layer"]) == ("linear", "synthetic", "none",
+                                                                                  "plain", None)
+    assert (run / "history.csv").read_text().splitlines()[0] == "epoch,train_loss,train_acc,test_loss,test_acc"
+    assert len((run / "history.csv").read_text().splitlines()) == 21
+    for png in ("confusion.png", "curves.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
+    X, y = synthetic(400, 8, 1.0, seed=0)
+    a, ha = fit_linear(X, y, epochs=3, seed=5)
+    b, hb = fit_linear(X, y, epochs=3, seed=5)
+    c, _ = fit_linear(X, y, epochs=3, seed=6)
+    assert ha == hb and np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
+    assert not np.array_equal(a.weight, c.weight)
+    la, sa = fit_logreg(X, y, seed=5)
+    lb, sb = fit_logreg(X, y, seed=5)
+    assert sa == sb and np.array_equal(la.weight, lb.weight)
+
+
+def test_torch_and_sklearn_heads_agree_on_easy_data():
+    X, y = synthetic(2800, 16, 4.0, seed=0)
+    X_test, y_test = synthetic(1400, 16, 4.0, seed=1)
+    linear, _ = fit_linear(X, y)
+    logreg, search = fit_logreg(X, y)
+    assert linear.score(X_test, y_test)[1] > 0.95 and logreg.score(X_test, y_test)[1] > 0.95
+    assert (linear.predict(X_test) == logreg.predict(X_test)).mean() > 0.97
+    assert search["C"] in [r["C"] for r in search["validation"]]
+    assert all(set(r) == {"C", "val_loss", "val_acc", "n_iter"} for r in search["validation"])
+
+
+def test_logreg_at_least_as_accurate_as_plain_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = synthetic(2100, 64, 0.25, seed=0)  # hard enough that C matters
+    X_test, y_test = synthetic(2100, 64, 0.25, seed=1)
+    head, _ = fit_logreg(X, y)
+    plain = (LogisticRegression().fit(X, y).predict(X_test) == y_test).mean()
+    assert head.score(X_test, y_test)[1] >= plain - 0.005
+
+
+def test_logreg_run_reports_its_c_search(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", n=700)
+    m = fit(cache, method="logreg", out=tmp_path / "run", plots=False).metrics
+    assert m["logreg"]["C"] in [r["C"] for r in m["logreg"]["validation"]]
+    assert len(m["history"]) == 1 and m["test_accuracy"] == pytest.approx(m["history"][0]["test_acc"])
+    assert Head.load(tmp_path / "run").method == "logreg"
+
+
+def test_saved_head_reloads_to_identical_predictions_and_is_no_pickle(easy):
+    cache, run = easy
+    head = Head.load(run)
+    X, _ = synthetic(100, 16, 3.0, seed=9)
+    head.save(run.parent / "copy")
+    again = Head.load(run.parent / "copy")
+    assert np.array_equal(head.predict_proba(X), again.predict_proba(X))
+    assert np.allclose(head.predict_proba(X).sum(axis=1), 1, atol=1e-5)
+    raw = (run / "head.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])  # safetensors: header length, JSON header, raw tensors
+    header = json.loads(raw[8:8 + n])
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == \
+        {"weight": [7, 16], "bias": [7], "mean": [16], "std": [16]}
+    config = json.loads((run / "head.json").read_text())
+    assert (config["dim"], config["method"], config["model"], config["classes"]) == (16, "linear", "synthetic",
+                                                                                    list(CLASSES))
+    for f in run.iterdir():
+        assert not f.read_bytes().startswith(b"\x80"), f"{f.name} looks like a pickle"
+
+
+def test_evaluate_reproduces_fit(easy, tmp_path):
+    cache, run = easy
+    fitted = json.loads((run / "metrics.json").read_text())
+    report = evaluate(cache, run, out=tmp_path)
+    assert report["accuracy"] == fitted["test_accuracy"] and report["confusion"] == fitted["confusion"]
+    assert report["public_test_accuracy"] == fitted["public_test_accuracy"]
+    assert np.array(report["confusion"]).sum() == report["count"] == 1400
+    assert json.loads((tmp_path / "evaluate-test.json").read_text())["macro_f1"] == fitted["macro_f1"]
+    assert (tmp_path / "confusion-test.png").exists()
+    half = evaluate(cache, run, split="public_test", out=tmp_path)
+    assert half["accuracy"] == fitted["public_test_accuracy"] and half["count"] == 700
+
+
+def test_evaluate_refuses_another_model_or_dimension(easy, tmp_path):
+    _, run = easy
+    with pytest.raises(UserError, match="model='other'"):
+        evaluate(write_cache(tmp_path / "other.h5", model="other", n=70), run)
+    with pytest.raises(UserError, match="8-d features.*16-d"):
+        evaluate(write_cache(tmp_path / "narrow.h5", dim=8, n=70), run)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model) -> Path:
+    """A head fitted through `fercache run` on a tiny random CLIP over a small FER2013 zip."""
+    folder = tmp_path_factory.mktemp("tiny")
+    with zipfile.ZipFile(folder / "fer.zip", "w") as z:
+        for name, (data, _, _) in make_fer_layout({"train": 21, "test": 14}).items():
+            z.writestr(name, data)
+    result = CliRunner().invoke(app, ["run", "--data", str(folder / "fer.zip"), "--model", str(tiny_model),
+                                      "--device", "cpu", "--dtype", "float32", "--epochs", "3",
+                                      "--out", str(folder / "run")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "head.safetensors" in result.output
+    assert len(json.loads((folder / "run" / "metrics.json").read_text())["history"]) == 3
+    return folder / "run"
+
+
+def test_predict_any_image_through_the_cli(tiny_run, tiny_model, tmp_path):
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(gray)
+    colour = tmp_path / "colour.jpg"
+    Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(colour)
+    done = cli("predict", "--head", str(tiny_run), str(gray), str(colour), "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert [r["image"] for r in results] == [str(gray), str(colour)]
+
+    # The same numbers by hand: the readers' 48x48 gray, stage one's encoder, the saved head.
+    from fercache.encoder import load_encoder
+
+    pixels = np.stack([to_gray48(Image.open(p))[0] for p in (gray, colour)])
+    head = Head.load(tiny_run)
+    probs = head.predict_proba(load_encoder(str(tiny_model), "clip", "cpu", "float32").encode(pixels)["embeddings"])
+    for r, p in zip(results, probs):
+        assert list(r["probs"]) == list(CLASSES) and r["label"] == CLASSES[int(p.argmax())]
+        assert np.allclose(list(r["probs"].values()), p, atol=1e-5)
+
+
+def test_detect_face_without_a_face_warns_and_still_predicts(tiny_run, tmp_path):
+    from fercache.fit import predict
+
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (120, 80), (200, 180, 160)).save(blank)
+    with pytest.warns(FERCacheWarning, match="blank.jpg: no face found"):
+        [found] = predict(tiny_run, [blank], device="cpu", detect_face=True)
+    [whole] = predict(tiny_run, [blank], device="cpu")
+    assert found["probs"] == pytest.approx(whole["probs"])
+
+
+def test_user_errors_are_one_line_and_exit_2(easy, tiny_run, tmp_path):
+    cache, run = easy
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "head.json").write_text("{")
+    (tmp_path / "broken" / "head.safetensors").write_bytes(b"junk")
+    only_train = write_cache(tmp_path / "train-only.h5", n=70, splits=("train",))
+    cases = {
+        ("fit", "--cache", str(tmp_path / "missing.h5")): "no such cache; make it with `fercache extract`",
+        ("fit", "--cache", str(only_train)): "split 'test' is not in this cache",
+        ("fit", "--cache", str(cache), "--layer", "3"): "layer 3 is not stored",
+        ("evaluate", "--cache", str(cache), "--head", str(tiny_run)): "but the head was fitted on model=",
+        ("evaluate", "--cache", str(cache), "--head", str(tmp_path)): "not a head folder",
+        ("evaluate", "--cache", str(cache), "--head", str(tmp_path / "broken")): "broken head",
+        ("predict", "--head", str(tiny_run), str(tmp_path / "notes.png")): "notes.png: not a readable image",
+        ("predict", "--head", str(tiny_run), str(tmp_path / "nowhere.jpg")): "nowhere.jpg: not a readable image",
+    }
+    for args, message in cases.items():
+        result = CliRunner().invoke(app, list(args))
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert message in str(result.exception) and "\n" not in str(result.exception), args
+    done = cli("predict", "--head", str(run), str(tmp_path / "notes.png"))  # the entry point: exit 2, one line
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "notes.png: not a readable image" in done.stderr
