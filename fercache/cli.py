@@ -7,6 +7,7 @@ Each command parses its options, calls one library function and prints the resul
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,16 +17,72 @@ import typer
 
 from fercache.errors import FERCacheWarning, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="FER2013 emotion recognition on cached frozen CLIP embeddings: "
                        "stage one `extract`s once, stage two `fit`s in seconds.")
 
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # = fercache.encoder.DEFAULT_MODEL, which would import torch
+
+# Options several commands share, defined once.
 DataOpt = typer.Option(None, "--data", help="FER2013 zip, folder or CSV [default: ./data or $FERCACHE_DATA]")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a CLIP-family model, or `pixels` for the "
+                        "raw-pixel baseline.")
+PreprocessOpt = typer.Option("clip", help="clip: the model's own image processor; seed: the reference project's "
+                             "recipe (bilinear, mean/std 0.5).")
+DeviceOpt = typer.Option("auto", help="auto, cpu, cuda or mps.")
+DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16.")
+EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
+LimitOpt = typer.Option(None, help="Only the first N images of each split, for quick trials.")
+SplitOpt = typer.Option("test", help="train, test, public_test, private_test or all.")
 
 
 def _emit(obj: dict) -> None:
     typer.echo(json.dumps(obj, indent=2))
+
+MethodOpt = typer.Option("linear", help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
+                         "logistic regression, C chosen on a validation part of train.")
+EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
+
+
+def _echo_fit(result) -> None:
+    """The epoch table (or logreg's C search), the test figures and where the files are."""
+    from fercache.report import format_table
+
+    m = result.metrics
+    if m["method"] == "linear":
+        keys = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+        typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
+    else:
+        keys = ["C", "val_loss", "val_acc", "n_iter"]
+        typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in m["logreg"]["validation"]]))
+        typer.echo(f"chosen C = {m['logreg']['C']:g} (on a {m['logreg']['val_fraction']:.0%} validation part of train)")
+    typer.echo(f"test accuracy {m['test_accuracy']:.4f} (public {m['public_test_accuracy']:.4f}, private "
+               f"{m['private_test_accuracy']:.4f}), macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; "
+               f"fitted in {m['fit_seconds']:.2f} s")
+    typer.echo(f"wrote {result.out}/: metrics.json, history.csv, confusion.png, curves.png, head.safetensors, head.json")
+
+
+@app.command()
+def run(
+    data: Optional[Path] = DataOpt,
+    model: str = ModelOpt,
+    preprocess: str = PreprocessOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_size: int = EncodeBatchOpt,
+    method: str = MethodOpt,
+    epochs: int = EpochsOpt,
+    limit: Optional[int] = LimitOpt,
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+) -> None:
+    """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
+    from fercache.fit import run as run_all
+
+    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, out)
+    for summary in summaries:
+        typer.echo(str(summary))
+    _echo_fit(result)
 
 
 @app.command()
@@ -56,14 +113,12 @@ def info(path: Path = typer.Argument(..., help="A FER2013 source (zip, folder, C
 def extract(
     data: Optional[Path] = DataOpt,
     split: str = typer.Option("train", help="train, test, public_test, private_test or all (train and test)."),
-    model: str = typer.Option("openai/clip-vit-base-patch32", help="Hub id or local folder of a CLIP-family "
-                              "model, or `pixels` for the raw-pixel baseline."),
-    preprocess: str = typer.Option("clip", help="clip: the model's own image processor; seed: the reference "
-                                   "project's recipe (bilinear, mean/std 0.5)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images of the split, for quick trials."),
+    model: str = ModelOpt,
+    preprocess: str = PreprocessOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_size: int = EncodeBatchOpt,
+    limit: Optional[int] = LimitOpt,
     cache: Optional[Path] = typer.Option(None, help="Cache file [default: data/cache/<model>__<preprocess>.h5]."),
     force: bool = typer.Option(False, "--force", help="Redo complete splits; replace a cache made otherwise."),
     layers: Optional[str] = typer.Option(None, help="Also store the CLS token after these blocks: 1,6,12 or all."),
@@ -93,6 +148,71 @@ def extract(
 
 
 @app.command()
+def fit(
+    cache: Optional[Path] = typer.Option(None, help="Cache with train and test [default: the default model's, "
+                                         "data/cache/openai--clip-vit-base-patch32__clip.h5]."),
+    method: str = MethodOpt,
+    epochs: int = EpochsOpt,
+    lr: float = typer.Option(1e-3, help="Adam's learning rate (linear)."),
+    batch_size: int = typer.Option(256, help="Minibatch size (linear)."),
+    weight_decay: float = typer.Option(0.0, help="Adam's weight decay (linear)."),
+    seed: int = typer.Option(0, help="Seeds initialisation, shuffling and logreg's validation split."),
+    standardize: bool = typer.Option(True, "--standardize/--no-standardize",
+                                     help="Scale features to zero mean, unit variance on train (kept in the head)."),
+    layer: Optional[int] = typer.Option(None, help="Train on the CLS after block K (needs extract --layers)."),
+    views: str = typer.Option("plain", help="plain, flip or mean (plain and mirrored averaged; needs --tta flip)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+) -> None:
+    """Stage two: fit a linear head on the cached train features, report on test, save the head."""
+    from fercache.fit import fit as run_fit
+
+    _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out))
+
+
+@app.command()
+def evaluate(
+    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache to score on [default: the default model's cache]."),
+    split: str = SplitOpt,
+    out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Score a saved head on a split of a cache made with the same model and preprocessing."""
+    from fercache.fit import evaluate as run_evaluate
+    from fercache.report import format_table
+
+    report = run_evaluate(cache, head, split, out)
+    if as_json:
+        return _emit(report)
+    parts = "".join(f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in report.items()
+                    if k.endswith("_accuracy"))
+    typer.echo(f"{split}: accuracy {report['accuracy']:.4f}{parts}, macro-F1 {report['macro_f1']:.4f} "
+               f"on {report['count']:,} faces")
+    keys = ["precision", "recall", "f1", "support"]
+    typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files of any size, gray or colour."),
+    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    device: str = DeviceOpt,
+    detect_face: bool = typer.Option(False, "--detect-face", help="Crop the largest face (OpenCV Haar cascade) first."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Label new images: made 48x48 gray like FER2013, encoded like stage one, scored by the head."""
+    from fercache.fit import predict as run_predict
+    from fercache.report import format_table
+
+    results = run_predict(head, images, device, detect_face)
+    if as_json:
+        return typer.echo(json.dumps(results, indent=2))
+    classes = list(results[0]["probs"])
+    typer.echo(format_table(["image", "label", *classes], [[r["image"], r["label"], *r["probs"].values()]
+                                                          for r in results]))
+
+
+@app.command()
 def probe(
     cache: Path = typer.Option(..., help="A cache extracted with --layers (train and test)."),
     out: Optional[Path] = typer.Option(None, help="Folder for probe.json and probe.png [default: runs/<cache-stem>-probe]."),
@@ -117,12 +237,11 @@ def probe(
 @app.command()
 def zeroshot(
     data: Optional[Path] = DataOpt,
-    split: str = typer.Option("test", help="train, test, public_test, private_test or all."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images of the split."),
-    model: str = typer.Option("openai/clip-vit-base-patch32", help="Hub id or local folder of a full CLIP model "
-                              "(vision and text towers)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    split: str = SplitOpt,
+    limit: Optional[int] = LimitOpt,
+    model: str = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a full CLIP model (vision and text towers)."),
+    device: str = DeviceOpt,
+    batch_size: int = EncodeBatchOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """CLIP's zero-shot guess from text prompts alone: the baseline a linear probe must beat."""
@@ -151,116 +270,6 @@ def compare(runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/
     typer.echo(format_table(*compare_table(rows)))
 
 
-MethodOpt = typer.Option("linear", help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
-                         "logistic regression, C chosen on a validation part of train.")
-EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
-
-
-def _echo_fit(result) -> None:
-    """The epoch table (or logreg's C search), the test figures and where the files are."""
-    from fercache.report import format_table
-
-    m = result.metrics
-    if m["method"] == "linear":
-        keys = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
-        typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
-    else:
-        keys = ["C", "val_loss", "val_acc", "n_iter"]
-        typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in m["logreg"]["validation"]]))
-        typer.echo(f"chosen C = {m['logreg']['C']:g} (on a {m['logreg']['val_fraction']:.0%} validation part of train)")
-    typer.echo(f"test accuracy {m['test_accuracy']:.4f} (public {m['public_test_accuracy']:.4f}, private "
-               f"{m['private_test_accuracy']:.4f}), macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; "
-               f"fitted in {m['fit_seconds']:.2f} s")
-    typer.echo(f"wrote {result.out}/: metrics.json, history.csv, confusion.png, curves.png, head.safetensors, head.json")
-
-
-@app.command()
-def fit(
-    cache: Optional[Path] = typer.Option(None, help="Cache with train and test "
-                                         "[default: data/cache/openai--clip-vit-base-patch32__clip.h5]."),
-    method: str = MethodOpt,
-    epochs: int = EpochsOpt,
-    lr: float = typer.Option(1e-3, help="Adam's learning rate (linear)."),
-    batch_size: int = typer.Option(256, help="Minibatch size (linear)."),
-    weight_decay: float = typer.Option(0.0, help="Adam's weight decay (linear)."),
-    seed: int = typer.Option(0, help="Seeds initialisation, shuffling and logreg's validation split."),
-    standardize: bool = typer.Option(True, "--standardize/--no-standardize",
-                                     help="Scale features to zero mean, unit variance on train (kept in the head)."),
-    layer: Optional[int] = typer.Option(None, help="Train on the CLS after block K (needs extract --layers)."),
-    views: str = typer.Option("plain", help="plain, flip or mean (plain and mirrored averaged; needs --tta flip)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
-) -> None:
-    """Stage two: fit a linear head on the cached train features, report on test, save the head."""
-    from fercache.fit import fit as run_fit
-
-    _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out))
-
-
-@app.command()
-def evaluate(
-    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache to score on [default: the default model's cache]."),
-    split: str = typer.Option("test", help="train, test, public_test, private_test or all."),
-    out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Score a saved head on a split of a cache made with the same model and preprocessing."""
-    from fercache.fit import evaluate as run_evaluate
-    from fercache.report import format_table
-
-    report = run_evaluate(cache, head, split, out)
-    if as_json:
-        return _emit(report)
-    parts = "".join(f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in report.items()
-                    if k.endswith("_accuracy"))
-    typer.echo(f"{split}: accuracy {report['accuracy']:.4f}{parts}, macro-F1 {report['macro_f1']:.4f} "
-               f"on {report['count']:,} faces")
-    keys = ["precision", "recall", "f1", "support"]
-    typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
-
-
-@app.command()
-def predict(
-    images: list[Path] = typer.Argument(..., help="Image files of any size, gray or colour."),
-    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    detect_face: bool = typer.Option(False, "--detect-face", help="Crop the largest face (OpenCV Haar cascade) first."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Label new images: made 48x48 gray like FER2013, encoded like stage one, scored by the head."""
-    from fercache.fit import predict as run_predict
-    from fercache.report import format_table
-
-    results = run_predict(head, images, device, detect_face)
-    if as_json:
-        return typer.echo(json.dumps(results, indent=2))
-    classes = list(results[0]["probs"])
-    typer.echo(format_table(["image", "label", *classes], [[r["image"], r["label"], *r["probs"].values()]
-                                                          for r in results]))
-
-
-@app.command()
-def run(
-    data: Optional[Path] = DataOpt,
-    model: str = typer.Option("openai/clip-vit-base-patch32", help="Hub id or local folder, or `pixels`."),
-    preprocess: str = typer.Option("clip", help="clip or seed (see `fercache extract --help`)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    batch_size: int = typer.Option(64, help="Images per forward pass of the encoder."),
-    method: str = MethodOpt,
-    epochs: int = EpochsOpt,
-    limit: Optional[int] = typer.Option(None, help="Only the first N images of train and of test, for quick trials."),
-    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
-) -> None:
-    """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
-    from fercache.fit import run as run_all
-
-    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, out)
-    for summary in summaries:
-        typer.echo(str(summary))
-    _echo_fit(result)
-
-
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:
     if issubclass(category, FERCacheWarning):
         return f"fercache: warning: {message}\n"
@@ -270,6 +279,8 @@ def _format_warning(message, category, filename, lineno, file=None, line=None) -
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     warnings.formatwarning = _format_warning
+    # transformers' own notices (a torchvision fallback, unused text-tower weights) are noise here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except UserError as exc:

@@ -5,9 +5,11 @@ original challenge CSV `fer2013.csv` and its `icml_face_data.csv` variant. Readi
 steps: an index (ids, labels and usage, cheap: `fercache info` stops there) and decoding of the
 pixels (threads, since JPEG decoding releases the GIL).
 
-Order is stable and documented: folder and zip sources are sorted by member path
-(`test/angry/PrivateTest_10131363.jpg`, relative to the dataset root); CSV sources keep file order
-and are identified as `<file name>:<line number>` (the header is line 1).
+Order is stable and documented. Folder and zip sources are identified by member path relative to
+the dataset root (`test/angry/PrivateTest_10131363.jpg`) and ordered by split folder, then file
+name, then class: file names do not follow the class, so any prefix (`--limit N`) holds every
+class in about its share, as the CSV's rows do. CSV sources keep file order and are identified as
+`<file name>:<line number>` (the header is line 1).
 """
 
 from __future__ import annotations
@@ -239,7 +241,7 @@ def _entries_from_paths(paths: list[str], where: Path) -> list[Entry]:
     ids = [e.id for e in entries]
     if len(set(ids)) != len(ids):
         raise UserError(f"{where}: holds more than one copy of the dataset (duplicate image paths)")
-    return sorted(entries, key=lambda e: e.id)
+    return sorted(entries, key=lambda e: (e.id.split("/")[0], e.id.rsplit("/", 1)[1], e.label))
 
 
 def _index_folder(path: Path) -> Source:

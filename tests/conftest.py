@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,6 +26,12 @@ def real_zip() -> Path:
     return REAL_ZIP
 
 
+def cli(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m fercache ARGS...` in a fresh process, as a user runs it (exit code, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "fercache", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=None if env is None else {**os.environ, **env})
+
+
 def save_tiny_clip(folder: Path, image_size: int = 224, layers: int = 2, seed: int = 0) -> Path:
     """A random-weight CLIP vision model plus its image processor, saved like a hub checkout."""
     import torch
@@ -35,6 +44,15 @@ def save_tiny_clip(folder: Path, image_size: int = 224, layers: int = 2, seed: i
     CLIPImageProcessor(size={"shortest_edge": image_size},
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+def pil_clip_processor():
+    """CLIP's PIL image processor, the reference for `--preprocess clip`: transformers 5 calls it
+    CLIPImageProcessorPil (its CLIPImageProcessor is torchvision-backed where torchvision is
+    installed), transformers 4 CLIPImageProcessor."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fake_faces, make_fer_layout, write_fer_csv
+from conftest import cli, make_fer_layout, write_fer_csv
 from fercache.data import CLASSES, FERImages, load_images, open_source
 from fercache.errors import FERCacheWarning, UserError
 
@@ -33,16 +31,13 @@ def csv_from(faces_by_split: dict[str, FERImages], path: Path, icml: bool = Fals
     return write_fer_csv(path, pixels, labels, usages, icml=icml)
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fercache", *args], capture_output=True, text=True, env=env)
-
-
 def test_zip_reads_pixels_labels_ids_in_path_order(fer_zip):
     expected = make_fer_layout({"train": 21, "test": 14})
     faces = load_images(fer_zip, "train")
     assert faces.pixels.dtype == np.uint8 and faces.pixels.shape == (21, 48, 48)
     assert faces.labels.dtype == np.int64
-    assert faces.ids == sorted(faces.ids) and all(i.startswith("train/") for i in faces.ids)
+    names = [i.rsplit("/", 1)[1] for i in faces.ids]
+    assert names == sorted(names) and all(i.startswith("train/") for i in faces.ids)
     assert faces.classes == CLASSES
     for i, pixels, label in zip(faces.ids, faces.pixels, faces.labels):
         assert np.array_equal(pixels, expected[i][1]) and label == expected[i][2]
@@ -114,6 +109,13 @@ def test_limit_takes_the_first_images_in_reader_order(fer_zip):
     assert load_images(fer_zip, "train", limit=5).ids == load_images(fer_zip, "train").ids[:5]
 
 
+def test_reader_order_mixes_classes_so_a_limit_samples_every_class(real_zip):
+    """Sorted by file name, not by class folder: the first 700 train faces hold all 7 classes."""
+    counts = np.bincount(load_images(real_zip, "train", limit=700).labels, minlength=7)
+    share = np.bincount(open_source(real_zip).load("train").labels, minlength=7) / 28709
+    assert (counts > 0).all() and np.abs(counts / 700 - share).max() < 0.05
+
+
 def _zip_with(tmp_path, names: list[str]) -> Path:
     path = tmp_path / "custom.zip"
     with zipfile.ZipFile(path, "w") as z:
@@ -142,7 +144,7 @@ PIX = " ".join(["7"] * 2304)
     (lambda t: _file(t, "bad.zip", b"PK\x03\x04 garbage"), "train", r"bad.zip: not a valid zip"),
     (lambda t: _zip_with(t, ["train/angry/Training_1.png"]), "public_test", r"no images in split 'public_test'"),
     (lambda t: _zip_with(t, ["train/angry/Training_1.png"]), "validation", r"unknown split 'validation'"),
-    (lambda t: _csv(t, f"emotion,Usage\n0,Training\n"), "train", r"fer2013.csv:1: CSV header lacks column\(s\) pixels"),
+    (lambda t: _csv(t, "emotion,Usage\n0,Training\n"), "train", r"fer2013.csv:1: CSV header lacks column\(s\) pixels"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Training\n3,1 2 3,Training\n"), "train", r"fer2013.csv:3: expected 2304 integer pixel values, got 3"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX} x,Training\n"), "train", r"fer2013.csv:2: expected 2304 integer pixel values, got 2305"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX[:-1]}300,Training\n"), "train", r"fer2013.csv:2: pixel values must be 0-255"),

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fercache.cache import describe_cache, load_embeddings, usage_of
 from fercache.extract import extract

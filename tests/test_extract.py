@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_fer_layout, save_tiny_clip
+from conftest import cli, make_fer_layout, pil_clip_processor, save_tiny_clip
 from fercache.cache import load_embeddings
 from fercache.data import load_images
 from fercache.errors import UserError
@@ -44,12 +44,13 @@ def faces(tmp_path):
 def reference_embeddings(model_dir, pixels: np.ndarray, preprocess: str) -> np.ndarray:
     """The plain Hugging Face path: the model's image processor (or the seed recipe in PIL) per
     image, then CLIPVisionModel in float32."""
-    from transformers import AutoImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
+    processor = pil_clip_processor()
     model = CLIPVisionModel.from_pretrained(model_dir).eval()
     images = [Image.fromarray(p).convert("RGB") for p in pixels]
     if preprocess == "clip":
-        x = AutoImageProcessor.from_pretrained(model_dir)(images=images, return_tensors="pt")["pixel_values"]
+        x = processor.from_pretrained(model_dir)(images=images, return_tensors="pt")["pixel_values"]
     else:
         size = model.config.image_size
         arr = np.stack([np.asarray(im.resize((size, size), Image.Resampling.BILINEAR)) for im in images])
@@ -117,8 +118,7 @@ def test_cache_layout_and_info(fer_zip, tiny_model, tmp_path):
             assert g["labels"].dtype == np.int64 and g["ids"].dtype.kind == "O"
             assert g["ids"][0].decode().startswith(f"{split}/")
     assert not (tmp_path / "c.h5.partial").exists()
-    out = subprocess.run([sys.executable, "-m", "fercache", "info", str(cache), "--json"],
-                         capture_output=True, text=True)
+    out = cli("info", cache, "--json")
     info = json.loads(out.stdout)
     assert info["splits"]["test"]["count"] == 14 and info["splits"]["test"]["complete"] is True
     assert info["model"] == str(tiny_model)
@@ -168,8 +168,7 @@ def test_cli_user_errors_exit_2_with_one_line(fer_zip, tiny_model, tmp_path):
         ["info", str(tmp_path / "missing.h5")],
     ]
     for args in cases:
-        out = subprocess.run([sys.executable, "-m", "fercache", *args], capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        out = cli(*args, env={"HF_HUB_OFFLINE": "1"})
         assert out.returncode == 2, (args, out.stderr)
         lines = [line for line in out.stderr.splitlines() if line.startswith("fercache: error:")]
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr

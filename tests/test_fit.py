@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_fer_layout
+from conftest import cli, make_fer_layout
 from fercache.cache import PartFile, commit
 from fercache.cli import app
 from fercache.data import CLASSES, to_gray48
@@ -46,10 +44,6 @@ def write_cache(path: Path, dim: int = 16, sep: float = 3.0, model: str = "synth
         rows.close()
         commit(path, split, [part], meta, {"split": split, "limit": None, "count": len(y)})
     return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fercache", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +84,37 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     la, sa = fit_logreg(X, y, seed=5)
     lb, sb = fit_logreg(X, y, seed=5)
     assert sa == sb and np.array_equal(la.weight, lb.weight)
+
+
+def test_linear_head_is_the_reference_recipe_nn_linear_adam_cross_entropy():
+    """fit_linear's written-out gradient and Adam give what autograd and torch.optim.Adam give."""
+    import torch
+    import torch.nn.functional as F
+
+    X, y = synthetic(600, 12, 1.0, seed=0)
+    head, history = fit_linear(X, y, epochs=3, batch_size=64, lr=1e-2, weight_decay=1e-3, seed=7, standardize=False)
+    torch.manual_seed(7)
+    model = torch.nn.Linear(12, len(CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    gen, Xt, yt = torch.Generator().manual_seed(7), torch.from_numpy(X), torch.from_numpy(y)
+    for _ in range(3):
+        losses = []
+        for idx in torch.randperm(len(X), generator=gen).split(64):
+            loss = F.cross_entropy(model(Xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item() * len(idx))
+    np.testing.assert_allclose(head.weight, model.weight.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(head.bias, model.bias.detach().numpy(), atol=1e-5)
+    assert history[-1]["train_loss"] == pytest.approx(sum(losses) / len(X), rel=1e-5)
+
+
+def test_cli_default_model_is_the_library_default():
+    from fercache import cli
+    from fercache.encoder import DEFAULT_MODEL
+
+    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
 
 
 def test_torch_and_sklearn_heads_agree_on_easy_data():
