@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.cache import PartFile, commit, load_embeddings
+from fercache.cache import load_embeddings, write_split
 from fercache.data import CLASSES
 from fercache.heads import fit_linear, fit_logreg
 from fercache.report import format_table
@@ -39,11 +39,7 @@ def synthetic_cache(path: Path, dim: int = 768) -> Path:
         y = rng.permutation(np.repeat(np.arange(len(CLASSES)), counts))
         X = centres[y] * 0.08 + rng.normal(size=(len(y), dim)).astype(np.float32)  # learnable, not trivial
         usage = ["train"] * len(y) if split == "train" else ["public_test", "private_test"] * (len(y) // 2)
-        part = path.with_name(path.name + ".partial") / f"{split}.0-of-1.h5"
-        rows = PartFile(part, meta, [f"{split}/{i}" for i in range(len(y))], y, usage, {"embeddings": dim}, 1024)
-        rows.append({"embeddings": X})
-        rows.close()
-        commit(path, split, [part], meta, {"split": split, "limit": None, "count": len(y)})
+        write_split(path, split, meta, [f"{split}/{i}" for i in range(len(y))], y, usage, {"embeddings": X})
     return path
 
 

@@ -158,6 +158,22 @@ class PartFile:
         self.file.close()
 
 
+def part_path(cache: Path, split: str, rank: int = 0, world: int = 1) -> Path:
+    """Where one rank's rows of a split wait until the split is complete: `<cache>.partial/<split>.<rank>-of-<world>.h5`."""
+    return cache.with_name(cache.name + ".partial") / f"{split}.{rank}-of-{world}.h5"
+
+
+def write_split(cache: str | os.PathLike, split: str, meta: dict, ids: list[str], labels: np.ndarray,
+                usage: list[str], features: dict[str, np.ndarray]) -> None:
+    """Write a whole split already in memory (a converted or synthetic cache) the way `extract` does."""
+    cache = Path(cache)
+    part = PartFile(part_path(cache, split), meta, ids, labels, usage,
+                    {name: x.shape[1] for name, x in features.items()}, chunk=1024)
+    part.append(features)
+    part.close()
+    commit(cache, split, [part.path], meta, {"split": split, "limit": None, "count": len(ids)})
+
+
 def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: dict,
            replace: bool = False) -> None:
     """Write a finished split into the cache atomically: a new file, then a rename over the old.

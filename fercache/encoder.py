@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fercache.data import SIZE
-from fercache.errors import UserError
+from fercache.errors import UserError, first_line
 from fercache.preprocess import Preprocessor, recipe_for
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -131,8 +131,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model '{model}': {first}") from None
+        raise UserError(f"cannot load model '{model}': {first_line(exc)}") from None
     vision = getattr(config, "vision_config", config)
     if type(vision) not in MODEL_MAPPING:
         raise UserError(f"model '{model}' ({config.model_type}) has no vision tower fercache can load")
@@ -143,7 +142,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         try:
             processor = AutoImageProcessor.from_pretrained(model)
         except (OSError, ValueError) as exc:
-            raise UserError(f"model '{model}' has no usable image processor config ({exc}); "
+            raise UserError(f"model '{model}' has no usable image processor config ({first_line(exc)}); "
                             "try --preprocess seed") from None
     recipe = recipe_for(preprocess, processor, vision.image_size)
     meta = {

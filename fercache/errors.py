@@ -20,3 +20,16 @@ class FERCacheWarning(UserWarning):
 def warn(message: str) -> None:
     """Warn once per call site and message (the CLI prints these as one line on stderr)."""
     warnings.warn(message, FERCacheWarning, stacklevel=2)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to paragraphs)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def at_least_one(**options: int | None) -> None:
+    """Counts such as `batch_size=0` are user errors, named as on the command line (`--batch-size`)."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fercache.cache import PartFile, check_same, commit, fercache_version, read_meta, split_state
+from fercache.cache import PartFile, check_same, commit, fercache_version, part_path, read_meta, split_state
 from fercache.data import CLASSES, open_source
 from fercache.distributed import agree, rank_and_world, step
 from fercache.encoder import DEFAULT_MODEL, load_encoder, model_slug
-from fercache.errors import FERCacheWarning, UserError
+from fercache.errors import FERCacheWarning, UserError, at_least_one
 
 TTA = ("none", "flip")
 
@@ -67,10 +67,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     """
     rank, world = rank_and_world()
     with step():  # every rank reads the cache here, before any rank commits to it
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-        if limit is not None and limit < 1:
-            raise UserError(f"--limit must be at least 1, not {limit}")
+        at_least_one(batch_size=batch_size, limit=limit)
         if tta not in TTA:
             raise UserError(f"unknown --tta '{tta}': choose one of {', '.join(TTA)}")
         source = open_source(data)
@@ -103,7 +100,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             encoder = load_encoder(model, preprocess, device, dtype, layers)
     for name, selection in todo:
         start = time.perf_counter()
-        parts = [path.with_name(path.name + ".partial") / f"{name}.{r}-of-{world}.h5" for r in range(world)]
+        parts = [part_path(path, name, r, world) for r in range(world)]
         with step():
             with warnings.catch_warnings():
                 if rank:  # every rank decodes the whole split; rank 0 tells of skipped images

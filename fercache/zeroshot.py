@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fercache.data import CLASSES, open_source
 from fercache.encoder import DEFAULT_MODEL, pick_device
-from fercache.errors import UserError
+from fercache.errors import UserError, at_least_one, first_line
 from fercache.preprocess import Preprocessor, recipe_for
 
 # CLIP's prompts for FER2013 (openai/CLIP, data/prompts.md) and the class names they were written
@@ -63,9 +63,6 @@ def load_clip(model: str, device: torch.device):
     """A full CLIP model (both towers), its tokenizer and stage one's `clip` preprocessing."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    def first_line(exc: Exception) -> str:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
@@ -98,10 +95,7 @@ def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: 
              model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 64,
              progress: bool = True) -> ZeroShotResult:
     """Classify a split of FER2013 with CLIP's text prompts alone (no training)."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, not {limit}")
+    at_least_one(batch_size=batch_size, limit=limit)
     source = open_source(data)  # the index only: a wrong path fails before the model loads
     dev = pick_device(device)
     net, tokenizer, prep = load_clip(model, dev)

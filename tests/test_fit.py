@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import cli, make_fer_layout
-from fercache.cache import PartFile, commit
+from fercache.cache import write_split
 from fercache.cli import app
 from fercache.data import CLASSES, to_gray48
 from fercache.errors import FERCacheWarning, UserError
@@ -31,18 +31,14 @@ def synthetic(n: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.n
 
 def write_cache(path: Path, dim: int = 16, sep: float = 3.0, model: str = "synthetic", n: int = 2800,
                 splits: tuple[str, ...] = ("train", "test")) -> Path:
-    """A cache-shaped HDF5 of synthetic features, written through the cache's own part files and commit."""
+    """A cache-shaped HDF5 of synthetic features, written through the cache's own code."""
     meta = {"model": model, "model_revision": "", "preprocess": "none", "feature": "synthetic", "dtype": "float32",
             "image_size": 48, "dim": dim, "layers": [], "views": ["plain"], "classes": list(CLASSES),
             "fercache_version": "test", "source": {"path": "synthetic", "format": "synthetic", "fingerprint": "s"}}
     for i, split in enumerate(splits):
         X, y = synthetic(n if split == "train" else n // 2, dim, sep, seed=i)
         usage = ["train"] * len(y) if split == "train" else ["public_test", "private_test"] * (len(y) // 2)
-        part = path.with_name(path.name + ".partial") / f"{split}.0-of-1.h5"
-        rows = PartFile(part, meta, [f"{split}/{j}" for j in range(len(y))], y, usage, {"embeddings": dim}, 128)
-        rows.append({"embeddings": X})
-        rows.close()
-        commit(path, split, [part], meta, {"split": split, "limit": None, "count": len(y)})
+        write_split(path, split, meta, [f"{split}/{j}" for j in range(len(y))], y, usage, {"embeddings": X})
     return path
 
 
