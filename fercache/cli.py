@@ -35,6 +35,7 @@ DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32)
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
 LimitOpt = typer.Option(None, help="Only the first N images of each split, for quick trials.")
 SplitOpt = typer.Option("test", help="train, test, public_test, private_test or all.")
+CacheOpt = typer.Option(None, help="Cache file [default: data/cache/<model>__<preprocess>.h5].")
 
 
 def _emit(obj: dict) -> None:
@@ -57,9 +58,10 @@ def _echo_fit(result) -> None:
         keys = ["C", "val_loss", "val_acc", "n_iter"]
         typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in m["logreg"]["validation"]]))
         typer.echo(f"chosen C = {m['logreg']['C']:g} (on a {m['logreg']['val_fraction']:.0%} validation part of train)")
-    typer.echo(f"test accuracy {m['test_accuracy']:.4f} (public {m['public_test_accuracy']:.4f}, private "
-               f"{m['private_test_accuracy']:.4f}), macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; "
-               f"fitted in {m['fit_seconds']:.2f} s")
+    halves = [f"{half} {m[f'{half}_test_accuracy']:.4f}" for half in ("public", "private")
+              if m[f"{half}_test_accuracy"] is not None]  # a --limit may hold one half only
+    typer.echo(f"test accuracy {m['test_accuracy']:.4f}" + (f" ({', '.join(halves)})" if halves else "")
+               + f", macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; fitted in {m['fit_seconds']:.2f} s")
     typer.echo(f"wrote {result.out}/: metrics.json, history.csv, confusion.png, curves.png, head.safetensors, head.json")
 
 
@@ -74,12 +76,14 @@ def run(
     method: str = MethodOpt,
     epochs: int = EpochsOpt,
     limit: Optional[int] = LimitOpt,
+    cache: Optional[Path] = CacheOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
 ) -> None:
     """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
     from fercache.fit import run as run_all
 
-    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, out)
+    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, cache,
+                                out)
     for summary in summaries:
         typer.echo(str(summary))
     _echo_fit(result)
@@ -119,7 +123,7 @@ def extract(
     dtype: str = DtypeOpt,
     batch_size: int = EncodeBatchOpt,
     limit: Optional[int] = LimitOpt,
-    cache: Optional[Path] = typer.Option(None, help="Cache file [default: data/cache/<model>__<preprocess>.h5]."),
+    cache: Optional[Path] = CacheOpt,
     force: bool = typer.Option(False, "--force", help="Redo complete splits; replace a cache made otherwise."),
     layers: Optional[str] = typer.Option(None, help="Also store the CLS token after these blocks: 1,6,12 or all."),
     tta: str = typer.Option("none", help="none, or flip: also embed the mirrored faces."),

@@ -6,9 +6,10 @@ steps: an index (ids, labels and usage, cheap: `fercache info` stops there) and 
 pixels (threads, since JPEG decoding releases the GIL).
 
 Order is stable and documented. Folder and zip sources are identified by member path relative to
-the dataset root (`test/angry/PrivateTest_10131363.jpg`) and ordered by split folder, then file
-name, then class: file names do not follow the class, so any prefix (`--limit N`) holds every
-class in about its share, as the CSV's rows do. CSV sources keep file order and are identified as
+the dataset root (`test/angry/PrivateTest_10131363.jpg`) and ordered by split folder, then the file
+name's number (the part after `Training_`, `PublicTest_`, `PrivateTest_`), then the whole name and
+class: the numbers follow neither class nor usage, so any prefix (`--limit N`) holds every class,
+and both test halves, in about their share, as the CSV's rows do. CSV sources keep file order and are identified as
 `<file name>:<line number>` (the header is line 1).
 """
 
@@ -241,7 +242,11 @@ def _entries_from_paths(paths: list[str], where: Path) -> list[Entry]:
     ids = [e.id for e in entries]
     if len(set(ids)) != len(ids):
         raise UserError(f"{where}: holds more than one copy of the dataset (duplicate image paths)")
-    return sorted(entries, key=lambda e: (e.id.split("/")[0], e.id.rsplit("/", 1)[1], e.label))
+    def order(e: Entry) -> tuple:
+        top, _, name = e.id.split("/")
+        return top, name.split("_", 1)[-1], name, e.label  # the number after `PublicTest_` etc. first
+
+    return sorted(entries, key=order)
 
 
 def _index_folder(path: Path) -> Source:

@@ -225,12 +225,12 @@ def predict(head_dir: str | os.PathLike, images: list[str | os.PathLike], device
 
 def run(data: str | os.PathLike | None = None, model: str | None = None, preprocess: str = "clip",
         device: str = "auto", dtype: str = "auto", batch_size: int = 64, method: str = "linear",
-        epochs: int = 20, limit: int | None = None, out: str | os.PathLike | None = None,
-        progress: bool = True) -> tuple[list, FitResult]:
+        epochs: int = 20, limit: int | None = None, cache: str | os.PathLike | None = None,
+        out: str | os.PathLike | None = None, progress: bool = True) -> tuple[list, FitResult]:
     """The whole job: extract train and test (a complete cache is reused), fit, evaluate on test."""
     from fercache.encoder import DEFAULT_MODEL
     from fercache.extract import extract
 
     summaries = extract(data, "all", model or DEFAULT_MODEL, preprocess, device, dtype, batch_size, limit,
-                        progress=progress)
+                        cache, progress=progress)
     return summaries, fit(summaries[0].cache, method=method, epochs=epochs, out=out)

@@ -18,6 +18,14 @@ from fercache.data import CLASSES
 REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013.zip"
 
 
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path, monkeypatch):
+    """Every test runs in its own folder: default caches (./data) and runs (./runs) land there,
+    never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FERCACHE_DATA", raising=False)
+
+
 @pytest.fixture(scope="session")
 def real_zip() -> Path:
     """The real FER2013 zip beside the repo (CI has it; a user's fresh clone may not)."""

@@ -36,8 +36,8 @@ def test_zip_reads_pixels_labels_ids_in_path_order(fer_zip):
     faces = load_images(fer_zip, "train")
     assert faces.pixels.dtype == np.uint8 and faces.pixels.shape == (21, 48, 48)
     assert faces.labels.dtype == np.int64
-    names = [i.rsplit("/", 1)[1] for i in faces.ids]
-    assert names == sorted(names) and all(i.startswith("train/") for i in faces.ids)
+    numbers = [i.rsplit("_", 1)[1] for i in faces.ids]
+    assert numbers == sorted(numbers) and all(i.startswith("train/") for i in faces.ids)
     assert faces.classes == CLASSES
     for i, pixels, label in zip(faces.ids, faces.pixels, faces.labels):
         assert np.array_equal(pixels, expected[i][1]) and label == expected[i][2]
@@ -110,10 +110,12 @@ def test_limit_takes_the_first_images_in_reader_order(fer_zip):
 
 
 def test_reader_order_mixes_classes_so_a_limit_samples_every_class(real_zip):
-    """Sorted by file name, not by class folder: the first 700 train faces hold all 7 classes."""
+    """Sorted by file number, not by class folder or usage: a prefix holds every class and both test halves."""
     counts = np.bincount(load_images(real_zip, "train", limit=700).labels, minlength=7)
     share = np.bincount(open_source(real_zip).load("train").labels, minlength=7) / 28709
     assert (counts > 0).all() and np.abs(counts / 700 - share).max() < 0.05
+    usage = load_images(real_zip, "test", limit=400).usage
+    assert 150 < usage.count("public_test") < 250 and 150 < usage.count("private_test") < 250
 
 
 def _zip_with(tmp_path, names: list[str]) -> Path:

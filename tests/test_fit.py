@@ -192,7 +192,8 @@ def tiny_run(tmp_path_factory, tiny_model) -> Path:
             z.writestr(name, data)
     result = CliRunner().invoke(app, ["run", "--data", str(folder / "fer.zip"), "--model", str(tiny_model),
                                       "--device", "cpu", "--dtype", "float32", "--epochs", "3",
-                                      "--out", str(folder / "run")], catch_exceptions=False)
+                                      "--cache", str(folder / "c.h5"), "--out", str(folder / "run")],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "head.safetensors" in result.output
     assert len(json.loads((folder / "run" / "metrics.json").read_text())["history"]) == 3
