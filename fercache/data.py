@@ -315,6 +315,10 @@ def _index_csv(path: Path) -> Source:
                 if usage not in USAGES:
                     raise UserError(f"{path}:{line}: unknown Usage '{usage}' "
                                     f"(expected {', '.join(USAGES)})")
+                text = row[ip].strip()  # the count is checked here, cheaply, so `info` catches it too
+                if text.count(" ") != SIZE * SIZE - 1 and len(text.split()) != SIZE * SIZE:
+                    raise UserError(f"{path}:{line}: expected {SIZE * SIZE} integer pixel values, got "
+                                    f"{len(text.split())} space-separated fields")
                 entries.append(Entry(f"{path.name}:{line}", int(code), USAGES[usage], len(pixels)))
                 pixels.append(row[ip])
     except UnicodeDecodeError:
@@ -332,10 +336,9 @@ def _csv_row(text: str, path: Path, id_: str) -> tuple[np.ndarray, bool]:
     try:
         values = np.fromstring(text, dtype=np.int64, sep=" ")  # 3x faster than str.split()
     except ValueError:
-        values = np.zeros(0, dtype=np.int64)
-    if values.size != SIZE * SIZE:
-        raise UserError(f"{where}: expected {SIZE * SIZE} integer pixel values, got {len(text.split())} "
-                        "space-separated fields")
+        raise UserError(f"{where}: pixel values must be integers 0-255 separated by spaces") from None
+    if values.size != SIZE * SIZE:  # the index counted fields; this catches what it cannot see
+        raise UserError(f"{where}: expected {SIZE * SIZE} integer pixel values, got {values.size}")
     if values.min() < 0 or values.max() > 255:
         raise UserError(f"{where}: pixel values must be 0-255")
     return values.astype(np.uint8).reshape(SIZE, SIZE), False

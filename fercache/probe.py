@@ -65,14 +65,12 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
 
 def plot_probe(result: dict, path: Path) -> None:
     """Test accuracy against block number; the pooled feature as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (as in report.py)
 
     blocks = [r for r in result["layers"] if r["layer"] != POOLED]
     pooled = [r for r in result["layers"] if r["layer"] == POOLED]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
     ax.plot([r["layer"] for r in blocks], [r["test_accuracy"] for r in blocks], "o-", label="CLS after block")
     for r in pooled:
         ax.axhline(r["test_accuracy"], ls="--", color="gray", label=f"pooled ({r['test_accuracy']:.3f})")
@@ -81,9 +79,7 @@ def plot_probe(result: dict, path: Path) -> None:
     ax.set_xticks([r["layer"] for r in blocks])
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def compare(runs: list[str | os.PathLike]) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from fercache.data import CLASSES, open_source
-from fercache.encoder import DEFAULT_MODEL, pick_device
+from fercache.encoder import DEFAULT_MODEL, PIXELS, pick_device
 from fercache.errors import UserError, at_least_one, first_line
 from fercache.preprocess import Preprocessor, recipe_for
 
@@ -63,6 +63,9 @@ def load_clip(model: str, device: torch.device):
     """A full CLIP model (both towers), its tokenizer and stage one's `clip` preprocessing."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
+    if model == PIXELS:
+        raise UserError("the pixels baseline has no text tower; zero-shot needs a full CLIP model "
+                        f"such as {DEFAULT_MODEL}")
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:

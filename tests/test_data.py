@@ -150,6 +150,7 @@ PIX = " ".join(["7"] * 2304)
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Training\n3,1 2 3,Training\n"), "train", r"fer2013.csv:3: expected 2304 integer pixel values, got 3"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX} x,Training\n"), "train", r"fer2013.csv:2: expected 2304 integer pixel values, got 2305"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX[:-1]}300,Training\n"), "train", r"fer2013.csv:2: pixel values must be 0-255"),
+    (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX[:-1]}x,Training\n"), "train", r"fer2013.csv:2: pixel values must be integers"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n9,{PIX},Training\n"), "train", r"fer2013.csv:2: unknown emotion code '9'"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n1,{PIX},Validation\n"), "train", r"fer2013.csv:2: unknown Usage 'Validation'"),
     (lambda t: _csv(t, f"emotion,pixels,Usage\n1,{PIX}\n"), "train", r"fer2013.csv:2: expected 3 fields, got 2"),
