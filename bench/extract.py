@@ -5,7 +5,7 @@
 Uses the real ViT-B/32 architecture with random weights (cost does not depend on the weight
 values) saved to a temporary folder, and the same real FER2013 images for every contender:
 1. the reference path: a plain script that decodes with PIL, runs `CLIPImageProcessor` and a
-   float32 `CLIPVisionModel` in a loop; process start to exit;
+   float32 `CLIPVisionModel` (on the same device) in a loop; process start to exit;
 2. `fercache extract` (dtype auto), process start to exit, and its throughput inside the model;
 3. this machine's matmul peak (bf16 and fp32), so the model's achieved GFLOP/s has a yardstick;
 4. peak RSS of `fercache extract` for a small and a large number of images (flat is the goal).
@@ -31,17 +31,17 @@ REFERENCE = textwrap.dedent("""
     import sys, zipfile, io, torch
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionModel
-    data, model_dir, n, bs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    data, model_dir, n, bs, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     z = zipfile.ZipFile(data)
     names = sorted(i.filename for i in z.infolist() if i.filename.startswith("train/") and not i.is_dir())[:n]
     processor = CLIPImageProcessor.from_pretrained(model_dir)
-    model = CLIPVisionModel.from_pretrained(model_dir).eval()
+    model = CLIPVisionModel.from_pretrained(model_dir).eval().to(device)
     out = []
     with torch.inference_mode():
         for i in range(0, n, bs):
             images = [Image.open(io.BytesIO(z.read(m))).convert("RGB") for m in names[i:i + bs]]
             x = processor(images=images, return_tensors="pt")["pixel_values"]
-            out.append(model(pixel_values=x).pooler_output)
+            out.append(model(pixel_values=x.to(device)).pooler_output.cpu())
     print(torch.cat(out).shape)
 """)
 
@@ -63,10 +63,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+def timed(cmd: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (MiB) and output of one child process, from start to exit."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -105,7 +105,7 @@ def main() -> None:
     n = args.images
     if not args.skip_reference:
         ref_s, ref_rss, _ = timed([sys.executable, "-c", REFERENCE, str(args.data), str(model_dir), str(n),
-                                   str(args.batch_size)])
+                                   str(args.batch_size), args.device])
         rows.append(("reference (processor + fp32 model)", ref_s, n / ref_s, ref_rss))
         print(f"reference path: {ref_s:.1f} s", flush=True)
 
