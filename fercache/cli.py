@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +46,17 @@ def _emit(obj: dict) -> None:
 MethodOpt = typer.Option("linear", help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
                          "logistic regression, C chosen on a validation part of train.")
 EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
+
+
+@contextmanager
+def _resumable() -> Iterator[None]:
+    """Ctrl-C during extraction: finished batches are on disk, so say how to go on (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("\nfercache: interrupted; the batches done are kept: the same command again goes on from them",
+                   err=True)
+        raise typer.Exit(130) from None
 
 
 def _echo_fit(result) -> None:
@@ -82,8 +95,9 @@ def run(
     """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
     from fercache.fit import run as run_all
 
-    summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit, cache,
-                                out)
+    with _resumable():
+        summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit,
+                                    cache, out)
     for summary in summaries:
         typer.echo(str(summary))
     _echo_fit(result)
@@ -136,7 +150,7 @@ def extract(
     from fercache.distributed import RankFailed, barrier, torchrun_group
     from fercache.extract import extract as run_extract
 
-    with torchrun_group(device) as (device, rank):
+    with torchrun_group(device) as (device, rank), _resumable():
         try:
             summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
                                     force, layers, tta, strict)
@@ -290,3 +304,4 @@ def main() -> None:
     except UserError as exc:
         typer.echo(f"fercache: error: {exc}", err=True)
         sys.exit(2)
+

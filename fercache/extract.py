@@ -36,12 +36,14 @@ class Summary:
     seconds: float
     cache: Path
     skipped: bool = False
+    resumed: int = 0  # rows an interrupted run had already encoded (this rank's)
 
     def __str__(self) -> str:
         if self.skipped:
             return f"{self.split}: {self.count:,} x {self.dim} already complete in {self.cache} (skipped; --force redoes it)"
-        rate = self.count / self.seconds if self.seconds else float("inf")
-        return (f"{self.split}: {self.count:,} images -> {self.dim}-d in {self.seconds:.1f} s "
+        rate = (self.count - self.resumed) / self.seconds if self.seconds else float("inf")
+        resumed = f", {self.resumed:,} of them resumed from an interrupted run" if self.resumed else ""
+        return (f"{self.split}: {self.count:,} images{resumed} -> {self.dim}-d in {self.seconds:.1f} s "
                 f"({rate:.1f} img/s) -> {self.cache}")
 
 
@@ -118,6 +120,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             names = [f"{v}/{f}" if v != "plain" else f for v in meta["views"] for f in encoder.features]
             part = PartFile(parts[rank], meta, images.ids[lo:hi], images.labels[lo:hi], images.usage[lo:hi],
                             {n: meta["dim"] for n in names}, batch_size)
+            resumed = part.rows
             try:
                 with tqdm(total=hi - lo, initial=part.rows, unit="img", desc=f"extract {name}",
                           disable=not progress or rank != 0, dynamic_ncols=True) as bar:
@@ -139,5 +142,6 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                     "the cache must be on a filesystem they all share")
                 commit(path, name, parts, meta, selection, replace=replace)
         replace = False
-        summaries.append(Summary(name, len(images.ids), meta["dim"], time.perf_counter() - start, path))
+        summaries.append(Summary(name, len(images.ids), meta["dim"], time.perf_counter() - start, path,
+                                 resumed=resumed * world))  # ranks resume alike: whole batches of equal shards
     return summaries

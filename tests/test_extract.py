@@ -174,7 +174,8 @@ def test_cli_user_errors_exit_2_with_one_line(fer_zip, tiny_model, tmp_path):
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
 
 
-def test_sigkill_mid_run_then_resume_gives_the_same_arrays(tmp_path, tiny_model):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_killed_mid_run_then_resume_gives_the_same_arrays(tmp_path, tiny_model, sig):
     path = tmp_path / "fer2013.zip"
     with zipfile.ZipFile(path, "w") as z:
         for name, (data, _, _) in make_fer_layout({"test": 1200}).items():
@@ -183,7 +184,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_arrays(tmp_path, tiny_model)
     cmd = [sys.executable, "-m", "fercache", "extract", "--data", str(path), "--split", "test", "--model",
            str(tiny_model), "--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--cache", str(cache)]
     part = tmp_path / "killed.h5.partial" / "test.0-of-1.h5"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = 0
     deadline = time.time() + 120
@@ -195,9 +196,12 @@ def test_sigkill_mid_run_then_resume_gives_the_same_arrays(tmp_path, tiny_model)
                     rows = int(f.attrs["rows"])
             except (OSError, KeyError):
                 pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate()
     assert 0 < rows < 1200, "the run should have been killed part-way"
+    if sig == signal.SIGINT:  # a one-line word on how to go on, no traceback
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert err.rstrip().splitlines()[-1].startswith("fercache: interrupted; the batches done are kept")
     assert not cache.exists(), "nothing may claim to be complete after a kill"
     with h5py.File(part, "r") as f:
         kept = int(f.attrs["rows"])
