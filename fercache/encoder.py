@@ -18,7 +18,7 @@ import torch
 
 from fercache.data import SIZE
 from fercache.errors import UserError, first_line
-from fercache.preprocess import Preprocessor, recipe_for
+from fercache.preprocess import PREPROCESS, Preprocessor, recipe_for
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 PIXELS = "pixels"
@@ -114,8 +114,9 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
                  dtype: str = "auto", layers: str | None = None, weights: bool = True) -> Encoder:
     """Load an encoder by hub id or local folder.
 
-    With `weights=False` only the configs are read: enough for the metadata that decides whether
-    a cache already holds what is asked, in well under a second.
+    With `weights=False` only the model's config is read: enough for the metadata that decides
+    whether a cache already holds what is asked, in about a second. `image_size`, which needs the
+    image processor (2-3 s to import), is added to `meta` when the weights load.
     """
     dev = pick_device(device)
     if model == PIXELS:
@@ -124,8 +125,10 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         meta = {"model": PIXELS, "model_revision": "", "preprocess": "none", "feature": "pixels",
                 "dtype": "float32", "image_size": SIZE, "dim": SIZE * SIZE, "layers": []}
         return Encoder(PIXELS, "none", dev, torch.float32, meta)
+    if preprocess not in PREPROCESS:
+        raise UserError(f"unknown preprocessing '{preprocess}': choose one of {', '.join(PREPROCESS)}")
 
-    from transformers import AutoConfig, AutoImageProcessor
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
@@ -137,26 +140,28 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         raise UserError(f"model '{model}' ({config.model_type}) has no vision tower fercache can load")
     torch_dtype = pick_dtype(dtype, dev)
     layer_ids = parse_layers(layers, vision.num_hidden_layers)
-    processor = None
-    if preprocess == "clip":
-        try:
-            processor = AutoImageProcessor.from_pretrained(model)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"model '{model}' has no usable image processor config ({first_line(exc)}); "
-                            "try --preprocess seed") from None
-    recipe = recipe_for(preprocess, processor, vision.image_size)
     meta = {
         "model": model,
         "model_revision": getattr(config, "_commit_hash", None) or "",
         "preprocess": preprocess,
         "feature": "pooler_output",
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "image_size": recipe.crop,
         "dim": getattr(vision, "hidden_size"),
         "layers": layer_ids,
     }
     enc = Encoder(model, preprocess, dev, torch_dtype, meta, layer_ids)
     if weights:
+        processor = None
+        if preprocess == "clip":
+            from transformers import AutoImageProcessor
+
+            try:
+                processor = AutoImageProcessor.from_pretrained(model)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"model '{model}' has no usable image processor config ({first_line(exc)}); "
+                                "try --preprocess seed") from None
+        recipe = recipe_for(preprocess, processor, vision.image_size)
+        meta["image_size"] = recipe.crop
         cls = MODEL_MAPPING[type(vision)]
         # Weights cast to the compute dtype: measurably faster than autocast on CPU and GPU.
         net = cls.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa")

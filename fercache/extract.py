@@ -100,6 +100,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     with step():
         if todo:
             encoder = load_encoder(model, preprocess, device, dtype, layers)
+            meta.update(encoder.meta)  # now with image_size, which needs the image processor
     for name, selection in todo:
         start = time.perf_counter()
         parts = [part_path(path, name, r, world) for r in range(world)]
