@@ -125,7 +125,6 @@ class Source:
             decoded = [_csv_row(self._csv_pixels[e.ref], self.path, e.id) for e in entries]
         else:
             decoded = _decode_files(self.path, self.format, entries, workers)
-        bad = [e.id for e, d in zip(entries, decoded) if isinstance(d, str)]
         for e, d in zip(entries, decoded):
             if isinstance(d, str):
                 if strict:
@@ -136,7 +135,7 @@ class Source:
             warn(f"{self.path}: {converted} image(s) were not 48x48 gray and were converted")
         keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         if not keep:
-            raise UserError(f"{self.path}: none of the {len(bad)} images in split '{split}' could be read")
+            raise UserError(f"{self.path}: none of the {len(entries)} images in split '{split}' could be read")
         return FERImages(
             pixels=np.stack([decoded[i][0] for i in keep]),
             labels=np.array([entries[i].label for i in keep], dtype=np.int64),
