@@ -117,14 +117,13 @@ class Source:
         return {"format": self.format, "path": str(self.path), "classes": list(CLASSES),
                 "splits": splits}
 
-    def load(self, split: str, strict: bool = False, limit: int | None = None,
-             workers: int | None = None) -> FERImages:
+    def load(self, split: str, strict: bool = False, limit: int | None = None) -> FERImages:
         """Decode one split (its first `limit` images, if given) to uint8 48x48 arrays."""
         entries = self.select(split)[:limit]
         if self.format.endswith(".csv"):
             decoded = [_csv_row(self._csv_pixels[e.ref], self.path, e.id) for e in entries]
         else:
-            decoded = _decode_files(self.path, self.format, entries, workers)
+            decoded = _decode_files(self.path, self.format, entries)
         for e, d in zip(entries, decoded):
             if isinstance(d, str):
                 if strict:
@@ -265,7 +264,7 @@ def _index_zip(path: Path) -> Source:
     return Source(path, "zip", _entries_from_paths(names, path))
 
 
-def _decode_files(path: Path, fmt: str, entries: list[Entry], workers: int | None):
+def _decode_files(path: Path, fmt: str, entries: list[Entry]):
     """Decode images in threads; each result is (array, converted) or an error string."""
     local = threading.local()
 
@@ -282,7 +281,7 @@ def _decode_files(path: Path, fmt: str, entries: list[Entry], workers: int | Non
         except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
             return str(exc) or type(exc).__name__
 
-    workers = workers or os.cpu_count() or 1
+    workers = os.cpu_count() or 1
     step = -(-len(entries) // workers)  # contiguous chunks: one task per thread, not per image
     with ThreadPoolExecutor(workers) as pool:
         chunks = pool.map(lambda i: [one(e) for e in entries[i:i + step]], range(0, len(entries), step))

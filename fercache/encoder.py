@@ -11,7 +11,7 @@ a floor for every table: the raw 48x48 pixels as a 2,304-d vector, no network at
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,14 +80,13 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 class Encoder:
     """A loaded, frozen encoder: `encode(pixels)` returns {feature name: float32 array}."""
 
-    model_id: str
-    preprocess: str
-    device: torch.device
-    dtype: torch.dtype
-    meta: dict
-    layers: list[int] = field(default_factory=list)
-    model: torch.nn.Module | None = None
+    meta: dict  # model, revision, preprocess, dtype, dim, layers: what a cache records of it
+    model: torch.nn.Module | None = None  # None: the `pixels` baseline (or configs only)
     prep: Preprocessor | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return self.meta["layers"]
 
     @property
     def features(self) -> list[str]:
@@ -124,7 +123,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
             raise UserError("--layers needs a neural encoder; the pixels baseline has none")
         meta = {"model": PIXELS, "model_revision": "", "preprocess": "none", "feature": "pixels",
                 "dtype": "float32", "image_size": SIZE, "dim": SIZE * SIZE, "layers": []}
-        return Encoder(PIXELS, "none", dev, torch.float32, meta)
+        return Encoder(meta)
     if preprocess not in PREPROCESS:
         raise UserError(f"unknown preprocessing '{preprocess}': choose one of {', '.join(PREPROCESS)}")
 
@@ -149,7 +148,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         "dim": getattr(vision, "hidden_size"),
         "layers": layer_ids,
     }
-    enc = Encoder(model, preprocess, dev, torch_dtype, meta, layer_ids)
+    enc = Encoder(meta)
     if weights:
         processor = None
         if preprocess == "clip":
