@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.cache import load_embeddings, write_split
-from fercache.data import CLASSES
+from fercache.cache import cache_meta, load_embeddings, write_split
 from fercache.heads import fit_linear, fit_logreg
+from fercache.identity import Identity
+from fercache.names import CLASSES
 from fercache.report import format_table
 
 TRAIN = (3995, 436, 4097, 7215, 4830, 3171, 4965)  # FER2013's per-class counts
@@ -29,10 +30,7 @@ TEST = (958, 111, 1024, 1774, 1247, 831, 1233)
 
 
 def synthetic_cache(path: Path, dim: int = 768) -> Path:
-    meta = {"model": "synthetic", "model_revision": "", "preprocess": "none", "feature": "synthetic",
-            "dtype": "float32", "image_size": 48, "dim": dim, "layers": [], "views": ["plain"],
-            "classes": list(CLASSES), "fercache_version": "bench",
-            "source": {"path": "synthetic", "format": "synthetic", "fingerprint": "bench"}}
+    meta = cache_meta(Identity("synthetic", "none", "synthetic", "float32", image_size=48, source="bench"), dim)
     centres = np.random.default_rng(0).normal(size=(len(CLASSES), dim)).astype(np.float32)
     for seed, (split, counts) in enumerate((("train", TRAIN), ("test", TEST)), 1):
         rng = np.random.default_rng(seed)

@@ -2,8 +2,9 @@
 
 Layout (documented in the README):
 
-    /                      attrs: model, model_revision, preprocess, feature, dtype, image_size,
-                                  dim, layers, views, classes, fercache_version, source
+    /                      attrs: the identity (fercache.identity: model, model_revision, model_weights,
+                                  preprocess, feature, dtype, image_size, layers, tokens, views, source),
+                                  dim, classes, fercache_version, format_version
     /<split>/embeddings    float32 (N, D), chunked
     /<split>/labels        int64 (N,)
     /<split>/ids           UTF-8 strings (N,)
@@ -29,12 +30,12 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from fercache.data import CLASSES, SPLITS
 from fercache.errors import UserError
+from fercache.identity import Identity
+from fercache.names import CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
 
-# Root attributes that must agree before rows may share a file; a difference is a user error.
-IDENTITY = ("model", "model_revision", "preprocess", "feature", "dtype", "image_size", "layers", "views")
-JSON_ATTRS = ("classes", "layers", "views", "source", "selection")
+FORMAT_VERSION = 2  # 1: fercache 0.1.0 (no `model_weights`, no `format_version`); both read the same
+JSON_ATTRS = ("classes", "layers", "tokens", "views", "source", "selection")
 STR = h5py.string_dtype("utf-8")
 
 
@@ -55,6 +56,15 @@ class Embeddings(NamedTuple):
     meta: dict
 
 
+def cache_meta(identity: Identity, dim: int, source: dict | None = None) -> dict:
+    """A cache's root attributes: its identity, the feature dimension and where the rows came from.
+
+    `source` is `{"path", "format", "fingerprint"}`; its fingerprint must be `identity.source`.
+    """
+    return {**identity.to_meta(), "dim": dim, "classes": list(CLASSES), "fercache_version": fercache_version(),
+            "format_version": FORMAT_VERSION, "source": source or {"fingerprint": identity.source}}
+
+
 def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
     for key, value in attrs.items():
         obj.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
@@ -69,18 +79,6 @@ def read_attrs(obj: h5py.HLObject) -> dict:
     return out
 
 
-def check_same(have: dict, want: dict, where: Path) -> None:
-    """Refuse to mix rows of another encoder, preprocessing or dataset into one file."""
-    for key in IDENTITY:
-        if key in want and have.get(key) != want[key]:
-            raise UserError(f"{where} holds {key}={have.get(key)!r}, not {want[key]!r} as asked; "
-                            "use another --cache, or --force to replace it")
-    old, new = have.get("source", {}), want.get("source", {})
-    if old.get("fingerprint") != new.get("fingerprint"):
-        raise UserError(f"{where} was made from other data ({old.get('path')}, {old.get('fingerprint', '?')[:19]}), "
-                        f"not {new.get('path')}; use another --cache, or --force to replace it")
-
-
 def _open(path: Path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)
@@ -93,6 +91,14 @@ def _open(path: Path, mode: str = "r") -> h5py.File:
 def read_meta(path: Path) -> dict:
     with _open(path) as f:
         return read_attrs(f)
+
+
+def read_identity(path: Path) -> Identity:
+    """The identity a cache records (fercache 0.1.0 caches included); not a cache is a `UserError`."""
+    try:
+        return Identity.from_meta(read_meta(path))
+    except UserError as exc:
+        raise UserError(f"{path}: an HDF5 file, but not a fercache cache ({exc})") from None
 
 
 def split_state(path: Path, split: str) -> tuple[dict, dict | None]:
@@ -138,8 +144,7 @@ class PartFile:
         except OSError:
             path.unlink()  # killed in the middle of a flush: start this part again
             return None
-        have = read_attrs(f)
-        same = all(have.get(k) == meta.get(k) for k in IDENTITY + ("source",))
+        same = not Identity.from_meta(read_attrs(f)).differences(Identity.from_meta(meta))
         if not same or [s.decode() for s in f["ids"][:]] != ids:
             f.close()
             path.unlink()  # made for another selection of this same cache: its rows do not apply
@@ -233,17 +238,10 @@ def _groups(f: h5py.File, split: str, path: Path) -> list[tuple[h5py.Group, str 
     if split == "all":
         return _groups(f, "train", path) + _groups(f, "test", path)
     have = [s for s in f if f[s].attrs.get("complete", False)]
-    if split not in SPLITS + ("all",):
-        raise UserError(f"unknown split '{split}': choose one of {', '.join(SPLITS + ('all',))}")
+    choice(split, SPLIT_CHOICES, "split")
     state = "is incomplete" if split in f else "is not"
     raise UserError(f"{path}: split '{split}' {state} in this cache (complete: {', '.join(have) or 'none'}); "
                     f"run `fercache extract --split {split}`")
-
-
-def feature_name(layer: int | None = None, view: str = "plain") -> str:
-    """The dataset that holds one feature: `embeddings`, `layers/6`, `flip/embeddings`, ..."""
-    name = "embeddings" if layer is None else f"layers/{layer}"
-    return name if view == "plain" else f"{view}/{name}"
 
 
 def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int | None = None,
@@ -255,8 +253,7 @@ def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int |
     `plain`, `flip` (`extract --tta flip`) or `mean` (the two averaged).
     """
     path = Path(cache)
-    if view not in ("plain", "flip", "mean"):
-        raise UserError(f"unknown view '{view}': choose plain, flip or mean")
+    choice(view, VIEWS, "view")
     with _open(path) as f:
         meta = read_attrs(f)
         xs, ys, ids = [], [], []
@@ -292,10 +289,9 @@ def usage_of(cache: str | os.PathLike, split: str) -> list[str]:
 def describe_cache(cache: str | os.PathLike) -> dict:
     """Metadata and per-split counts of a cache (the JSON of `fercache info CACHE`)."""
     path = Path(cache)
+    read_identity(path)
     with _open(path) as f:
         meta = read_attrs(f)
-        if "model" not in meta:
-            raise UserError(f"{path}: an HDF5 file, but not a fercache cache (no model attribute)")
         splits = {}
         for name in f:
             g = f[name]

@@ -18,32 +18,33 @@ from typing import Optional
 import typer
 
 from fercache.errors import FERCacheWarning, UserError
+from fercache.names import DEFAULT_MODEL, METHODS, PREPROCESS, SPLIT_CHOICES, TTA, VIEWS, default_cache
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="FER2013 emotion recognition on cached frozen CLIP embeddings: "
                        "stage one `extract`s once, stage two `fit`s in seconds.")
-
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # = fercache.encoder.DEFAULT_MODEL, which would import torch
 
 # Options several commands share, defined once.
 DataOpt = typer.Option(None, "--data", help="FER2013 zip, folder or CSV [default: ./data or $FERCACHE_DATA]")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a CLIP-family model, or `pixels` for the "
                         "raw-pixel baseline.")
-PreprocessOpt = typer.Option("clip", help="clip: the model's own image processor; seed: the reference project's "
-                             "recipe (bilinear, mean/std 0.5).")
+PreprocessOpt = typer.Option(PREPROCESS[0], help="clip: the model's own image processor; seed: the reference "
+                             "project's recipe (bilinear, mean/std 0.5).")
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda or mps.")
 DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16.")
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
 LimitOpt = typer.Option(None, help="Only the first N images of each split, for quick trials.")
-SplitOpt = typer.Option("test", help="train, test, public_test, private_test or all.")
+SplitOpt = typer.Option("test", help=f"{', '.join(SPLIT_CHOICES[:-1])} or all.")
 CacheOpt = typer.Option(None, help="Cache file [default: data/cache/<model>__<preprocess>.h5].")
+DefaultCacheOpt = typer.Option(None, "--cache", help=f"Cache to read [default: the default model's, {default_cache()}].")
+ViewsOpt = typer.Option(VIEWS[0], "--views", help="plain, flip or mean (plain and mirrored averaged; needs --tta flip).")
 
 
 def _emit(obj: dict) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
-MethodOpt = typer.Option("linear", help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
+MethodOpt = typer.Option(METHODS[0], help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
                          "logistic regression, C chosen on a validation part of train.")
 EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
 
@@ -93,7 +94,7 @@ def run(
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
 ) -> None:
     """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
-    from fercache.fit import run as run_all
+    from fercache.pipeline import run as run_all
 
     with _resumable():
         summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit,
@@ -140,7 +141,7 @@ def extract(
     cache: Optional[Path] = CacheOpt,
     force: bool = typer.Option(False, "--force", help="Redo complete splits; replace a cache made otherwise."),
     layers: Optional[str] = typer.Option(None, help="Also store the CLS token after these blocks: 1,6,12 or all."),
-    tta: str = typer.Option("none", help="none, or flip: also embed the mirrored faces."),
+    tta: str = typer.Option(TTA[0], help="none, or flip: also embed the mirrored faces."),
     strict: bool = typer.Option(False, "--strict", help="An unreadable image is an error, not a warning."),
 ) -> None:
     """Stage one: encode FER2013 with a frozen vision model, once, into an HDF5 cache.
@@ -167,8 +168,7 @@ def extract(
 
 @app.command()
 def fit(
-    cache: Optional[Path] = typer.Option(None, help="Cache with train and test [default: the default model's, "
-                                         "data/cache/openai--clip-vit-base-patch32__clip.h5]."),
+    cache: Optional[Path] = DefaultCacheOpt,
     method: str = MethodOpt,
     epochs: int = EpochsOpt,
     lr: float = typer.Option(1e-3, help="Adam's learning rate (linear)."),
@@ -178,7 +178,7 @@ def fit(
     standardize: bool = typer.Option(True, "--standardize/--no-standardize",
                                      help="Scale features to zero mean, unit variance on train (kept in the head)."),
     layer: Optional[int] = typer.Option(None, help="Train on the CLS after block K (needs extract --layers)."),
-    views: str = typer.Option("plain", help="plain, flip or mean (plain and mirrored averaged; needs --tta flip)."),
+    views: str = ViewsOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
 ) -> None:
     """Stage two: fit a linear head on the cached train features, report on test, save the head."""
@@ -190,7 +190,7 @@ def fit(
 @app.command()
 def evaluate(
     head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache to score on [default: the default model's cache]."),
+    cache: Optional[Path] = DefaultCacheOpt,
     split: str = SplitOpt,
     out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
     as_json: bool = JsonOpt,
@@ -219,7 +219,7 @@ def predict(
     as_json: bool = JsonOpt,
 ) -> None:
     """Label new images: made 48x48 gray like FER2013, encoded like stage one, scored by the head."""
-    from fercache.fit import predict as run_predict
+    from fercache.predict import predict as run_predict
     from fercache.report import format_table
 
     results = run_predict(head, images, device, detect_face)
@@ -234,8 +234,8 @@ def predict(
 def probe(
     cache: Path = typer.Option(..., help="A cache extracted with --layers (train and test)."),
     out: Optional[Path] = typer.Option(None, help="Folder for probe.json and probe.png [default: runs/<cache-stem>-probe]."),
-    method: str = typer.Option("linear", help="linear (torch Adam) or logreg (scikit-learn)."),
-    views: str = typer.Option("plain", help="plain, flip or mean (the two averaged; needs --tta flip)."),
+    method: str = MethodOpt,
+    views: str = ViewsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit a head per stored layer (and the pooled feature): which block knows most about expression."""

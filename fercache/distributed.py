@@ -5,6 +5,12 @@ environment (RANK, LOCAL_RANK, WORLD_SIZE, ...). `torchrun_group` joins them int
 `extract` then shards each split by rank. Collectives wait for every rank, so a rank that fails
 alone would leave the others waiting: each stretch of work between two sync points runs inside
 `step`, which shares a failure with all ranks so that every rank stops with that rank's message.
+
+The collectives carry only small Python objects (errors, metadata), never tensors, so they run on
+a CPU `gloo` group even when the ranks compute on GPUs. Its timeout is long (`CONTROL_TIMEOUT`):
+between two sync points lie serial steps of minutes or hours (a model download, rank 0's commit,
+a shard on a slow device) that a default 10-30 minute collective timeout, or NCCL's watchdog,
+would end. A rank that dies is not waited for that long: torchrun stops the others.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,19 +51,41 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+CONTROL_TIMEOUT = timedelta(hours=24)  # how long a collective waits for the slowest rank's serial step
+_control: list[Any] = []  # [the default group, the gloo group fercache's collectives use with it]
+
+
+def control_group() -> Any:
+    """The group fercache's own collectives use: gloo, on the CPU, with `CONTROL_TIMEOUT`.
+
+    The default group when `torchrun_group` made it; inside a group of the caller's own (NCCL,
+    or a short timeout) a gloo group over the same ranks, made once at the first collective.
+    """
+    world = dist.group.WORLD
+    if not _control or _control[0] is not world:  # a new default group: the old one's subgroup went with it
+        _control[:] = [world, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)]
+    return _control[1]
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=control_group())
 
 
 def rank_device(device: str = "auto") -> str:
-    """The device this rank computes on: `auto` and `cuda` become its own GPU, `cuda:<LOCAL_RANK>`."""
+    """The device this rank computes on: `auto` and `cuda` become a GPU of its own.
+
+    With one GPU visible (SLURM's `--gpus-per-task 1`, or CUDA_VISIBLE_DEVICES set per rank) that
+    GPU, `cuda:0`; with several, the one at its local rank, `cuda:<LOCAL_RANK>`. An explicit
+    `cuda:N` is used as given.
+    """
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if dev.index >= torch.cuda.device_count():
-            raise UserError(f"local rank {dev.index} has no GPU of its own ({torch.cuda.device_count()} visible): "
-                            "start at most one rank per GPU (--nproc-per-node)")
+        visible, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
+        if visible > 1 and local >= visible:
+            raise UserError(f"local rank {local} has no GPU of its own ({visible} visible): start at most one "
+                            "rank per GPU (--nproc-per-node), or show each rank only its own GPU")
+        dev = torch.device("cuda", local if visible > 1 else 0)
     return str(dev)
 
 
@@ -76,8 +105,9 @@ def cpu_threads() -> int:
 def torchrun_group(device: str = "auto") -> Iterator[tuple[str, int]]:
     """Join torchrun's process group for the block (when launched by it); yields (device, rank).
 
-    NCCL with one GPU per local rank when the device is CUDA, gloo otherwise. Outside torchrun, or
-    when the caller already set up a group, it changes nothing.
+    The group is gloo with `CONTROL_TIMEOUT` whatever the device (see the module's docstring);
+    each rank computes on its own GPU (`rank_device`) or its share of the CPU's cores. Outside
+    torchrun, or when the caller already set up a group, it changes nothing.
     """
     if not launched() or dist.is_initialized():
         yield device, rank_and_world()[0]
@@ -87,16 +117,18 @@ def torchrun_group(device: str = "auto") -> Iterator[tuple[str, int]]:
         torch.cuda.set_device(torch.device(device))
     elif device == "cpu":
         torch.set_num_threads(cpu_threads())
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
+    _control[:] = [dist.group.WORLD, dist.group.WORLD]
     try:
         yield device, dist.get_rank()
     finally:
+        _control.clear()
         dist.destroy_process_group()
 
 
 def _gather(value: Any) -> list[Any]:
     values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=control_group())
     return values
 
 
@@ -141,7 +173,9 @@ def agree(**values: Any) -> None:
         return
     every = _gather(values)
     for r, theirs in enumerate(every):
-        differ = [name.replace("_", " ") for name in values if theirs[name] != every[0][name]]
+        # an Identity names the fields that differ (rank 0's value first), other values their own name
+        differ = [", ".join(mine.differences(theirs[name])) if hasattr(mine, "differences") else name.replace("_", " ")
+                  for name, mine in every[0].items() if theirs[name] != mine]
         if differ:
-            raise RankFailed(f"rank {r}: {', '.join(differ)}: not the same as on rank 0; every machine must "
+            raise RankFailed(f"rank {r}: {'; '.join(differ)}: not the same as on rank 0; every machine must "
                              "see the same data and model, and the cache on a filesystem they all share")

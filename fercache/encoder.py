@@ -10,19 +10,18 @@ a floor for every table: the raw 48x48 pixels as a 2,304-d vector, no network at
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fercache.data import SIZE
 from fercache.errors import UserError, first_line
-from fercache.preprocess import PREPROCESS, Preprocessor, recipe_for
+from fercache.identity import Identity
+from fercache.names import DEFAULT_MODEL, DTYPES, PIXELS, PREPROCESS, SIZE, choice, feature_name
+from fercache.preprocess import Preprocessor, recipe_for
 
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-PIXELS = "pixels"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 matmul instructions (Linux /proc/cpuinfo)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -42,23 +41,29 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: then nothing is assumed native)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 where the hardware computes it natively (CUDA; CPUs with AMX or
-    AVX512-BF16), else float32: emulated bf16 is slower than float32."""
+    """`auto` is the fastest type the hardware computes natively, never an emulated one.
+
+    CUDA: bfloat16 from compute capability 8.0 (Ampere) up, float16 below (T4, V100), since
+    `torch.cuda.is_bf16_supported()` also counts emulation. CPU: bfloat16 where it has AMX-BF16 or
+    AVX512-BF16 instructions, else float32 (emulated bf16 runs at a quarter of float32's speed).
+    """
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
-        return DTYPES[dtype]
+        return getattr(torch, choice(dtype, DTYPES + ("auto",), "dtype"))
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == "cpu" and cpu_flags() & set(NATIVE_BF16_FLAGS):
         return torch.bfloat16
     return torch.float32
-
-
-def model_slug(model: str) -> str:
-    """A file-name-safe name for a model: `openai/clip-vit-base-patch32` -> `openai--clip-vit-base-patch32`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").replace("/", "--")).strip("-") or "model"
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -78,54 +83,56 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 @dataclass
 class Encoder:
-    """A loaded, frozen encoder: `encode(pixels)` returns {feature name: float32 array}."""
+    """A loaded, frozen encoder: `encode(pixels, views)` returns {feature name: float32 array}."""
 
-    meta: dict  # model, revision, preprocess, dtype, dim, layers: what a cache records of it
+    identity: Identity  # what a cache records of it (`source` empty: the encoder knows no data)
+    dim: int
     model: torch.nn.Module | None = None  # None: the `pixels` baseline (or configs only)
     prep: Preprocessor | None = None
 
     @property
-    def layers(self) -> list[int]:
-        return self.meta["layers"]
+    def layers(self) -> tuple[int, ...]:
+        return self.identity.layers
 
-    @property
-    def features(self) -> list[str]:
-        """Names of the arrays `encode` returns; the cache stores each under its split."""
-        return ["embeddings"] + [f"layers/{k}" for k in self.layers]
+    def encode(self, pixels: np.ndarray, views: tuple[str, ...] = ("plain",)) -> dict[str, np.ndarray]:
+        """Every feature of these faces (`views`: plain, and flip for the mirrored faces), named as stored."""
+        out = {}
+        for view in views:
+            faces = pixels if view == "plain" else np.ascontiguousarray(pixels[:, :, ::-1])
+            out.update({feature_name(layer, view): f for layer, f in self._features(faces).items()})
+        return out
 
     @torch.inference_mode()
-    def encode(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def _features(self, pixels: np.ndarray) -> dict[int | None, np.ndarray]:
+        """{None: pooled feature, k: feature after block k} of one batch of faces."""
         if self.model is None:  # the `pixels` baseline
-            return {"embeddings": pixels.reshape(len(pixels), -1).astype(np.float32) / 255}
+            return {None: pixels.reshape(len(pixels), -1).astype(np.float32) / 255}
         out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers))
-        feats = {"embeddings": out.pooler_output}
+        feats = {None: out.pooler_output}
         if self.layers:
             tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
             norm = getattr(tower, "post_layernorm", None) or torch.nn.Identity()
             has_cls = hasattr(tower.embeddings, "class_embedding")  # SigLIP has none: pool its tokens
             for k in self.layers:
                 h = out.hidden_states[k]
-                feats[f"layers/{k}"] = norm(h[:, 0]) if has_cls else norm(h).mean(1)
-        return {name: f.float().cpu().numpy() for name, f in feats.items()}
+                feats[k] = norm(h[:, 0]) if has_cls else norm(h).mean(1)
+        return {layer: f.float().cpu().numpy() for layer, f in feats.items()}
 
 
 def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: str = "auto",
                  dtype: str = "auto", layers: str | None = None, weights: bool = True) -> Encoder:
     """Load an encoder by hub id or local folder.
 
-    With `weights=False` only the model's config is read: enough for the metadata that decides
+    With `weights=False` only the model's config is read: enough for the identity that decides
     whether a cache already holds what is asked, in about a second. `image_size`, which needs the
-    image processor (2-3 s to import), is added to `meta` when the weights load.
+    image processor (slow to import), is filled in when the weights load.
     """
     dev = pick_device(device)
     if model == PIXELS:
         if layers:
             raise UserError("--layers needs a neural encoder; the pixels baseline has none")
-        meta = {"model": PIXELS, "model_revision": "", "preprocess": "none", "feature": "pixels",
-                "dtype": "float32", "image_size": SIZE, "dim": SIZE * SIZE, "layers": []}
-        return Encoder(meta)
-    if preprocess not in PREPROCESS:
-        raise UserError(f"unknown preprocessing '{preprocess}': choose one of {', '.join(PREPROCESS)}")
+        return Encoder(Identity(PIXELS, "none", "pixels", "float32", image_size=SIZE), SIZE * SIZE)
+    choice(preprocess, PREPROCESS, "preprocessing")
 
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -139,16 +146,9 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         raise UserError(f"model '{model}' ({config.model_type}) has no vision tower fercache can load")
     torch_dtype = pick_dtype(dtype, dev)
     layer_ids = parse_layers(layers, vision.num_hidden_layers)
-    meta = {
-        "model": model,
-        "model_revision": getattr(config, "_commit_hash", None) or "",
-        "preprocess": preprocess,
-        "feature": "pooler_output",
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "dim": getattr(vision, "hidden_size"),
-        "layers": layer_ids,
-    }
-    enc = Encoder(meta)
+    identity = Identity(model, preprocess, "pooler_output", str(torch_dtype).removeprefix("torch."),
+                        revision=getattr(config, "_commit_hash", None) or "", layers=tuple(layer_ids))
+    enc = Encoder(identity, getattr(vision, "hidden_size"))
     if weights:
         processor = None
         if preprocess == "clip":
@@ -160,7 +160,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
                 raise UserError(f"model '{model}' has no usable image processor config ({first_line(exc)}); "
                                 "try --preprocess seed") from None
         recipe = recipe_for(preprocess, processor, vision.image_size)
-        meta["image_size"] = recipe.crop
+        enc.identity = replace(identity, image_size=recipe.crop)
         cls = MODEL_MAPPING[type(vision)]
         # Weights cast to the compute dtype: measurably faster than autocast on CPU and GPU.
         net = cls.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa")

@@ -8,6 +8,7 @@ each rank encodes a contiguous shard into its own part file and rank 0 commits t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -17,13 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fercache.cache import PartFile, check_same, commit, fercache_version, part_path, read_meta, split_state
-from fercache.data import CLASSES, open_source
+from fercache.cache import PartFile, cache_meta, commit, part_path, read_identity, split_state
+from fercache.data import open_source
 from fercache.distributed import agree, rank_and_world, step
-from fercache.encoder import DEFAULT_MODEL, load_encoder, model_slug
+from fercache.encoder import load_encoder
 from fercache.errors import FERCacheWarning, UserError, at_least_one
-
-TTA = ("none", "flip")
+from fercache.names import DEFAULT_MODEL, TTA, choice, default_cache, stored_features
 
 
 @dataclass
@@ -47,16 +47,6 @@ class Summary:
                 f"({rate:.1f} img/s) -> {self.cache}")
 
 
-def default_cache(model: str, preprocess: str, layers: list[int], tta: str) -> Path:
-    """`data/cache/<model-slug>__<preprocess>[__layers-…][__flip].h5` (under $FERCACHE_DATA if set)."""
-    name = f"{model_slug(model)}__{preprocess}"
-    if layers:
-        name += "__layers-" + "-".join(map(str, layers))
-    if tta != "none":
-        name += f"__{tta}"
-    return Path(os.environ.get("FERCACHE_DATA", "data")) / "cache" / f"{name}.h5"
-
-
 def extract(data: str | os.PathLike | None = None, split: str = "train", model: str = DEFAULT_MODEL,
             preprocess: str = "clip", device: str = "auto", dtype: str = "auto", batch_size: int = 64,
             limit: int | None = None, cache: str | os.PathLike | None = None, force: bool = False,
@@ -70,19 +60,18 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     rank, world = rank_and_world()
     with step():  # every rank reads the cache here, before any rank commits to it
         at_least_one(batch_size=batch_size, limit=limit)
-        if tta not in TTA:
-            raise UserError(f"unknown --tta '{tta}': choose one of {', '.join(TTA)}")
+        choice(tta, TTA, "--tta")
         source = open_source(data)
         encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False)
-        meta = {**encoder.meta, "views": ["plain", "flip"] if tta == "flip" else ["plain"],
-                "classes": list(CLASSES), "fercache_version": fercache_version(),
-                "source": {"path": str(source.path), "format": source.format, "fingerprint": source.fingerprint()}}
-        path = Path(cache) if cache else default_cache(model, encoder.meta["preprocess"], encoder.layers, tta)
+        fingerprint = source.fingerprint()
+        identity = dataclasses.replace(encoder.identity, views=("plain", "flip") if tta == "flip" else ("plain",),
+                                       source=fingerprint)
+        path = Path(cache) if cache else default_cache(model, identity.preprocess, identity.layers, tta)
 
         replace = False  # True: the file holds something else and --force says to start it anew
         if path.exists():
             try:
-                check_same(read_meta(path), meta, path)
+                read_identity(path).check(identity, path, hint="use another --cache, or --force to replace it")
             except UserError:
                 if not force:
                     raise
@@ -93,14 +82,17 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             count = len(source.select(name)[:limit])
             selection = {"split": name, "limit": limit, "count": count}
             if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
-                summaries.append(Summary(name, count, meta["dim"], 0.0, path, skipped=True))
+                summaries.append(Summary(name, count, encoder.dim, 0.0, path, skipped=True))
             else:
                 todo.append((name, selection))
-    agree(data_and_model=meta, cache_state=(replace, todo))
+    agree(identity=identity, cache_state=(replace, todo))
     with step():
         if todo:
             encoder = load_encoder(model, preprocess, device, dtype, layers)
-            meta.update(encoder.meta)  # now with image_size, which needs the image processor
+            # now with image_size, which needs the image processor
+            identity = dataclasses.replace(identity, image_size=encoder.identity.image_size)
+        meta = cache_meta(identity, encoder.dim, {"path": str(source.path), "format": source.format,
+                                                  "fingerprint": fingerprint})
     for name, selection in todo:
         start = time.perf_counter()
         parts = [part_path(path, name, r, world) for r in range(world)]
@@ -118,20 +110,16 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             lo, hi = bounds[rank], bounds[rank + 1]
             if force and parts[rank].exists():
                 parts[rank].unlink()  # only its own part: the other ranks are writing theirs
-            names = [f"{v}/{f}" if v != "plain" else f for v in meta["views"] for f in encoder.features]
+            names = stored_features(identity.layers, identity.views)
             part = PartFile(parts[rank], meta, images.ids[lo:hi], images.labels[lo:hi], images.usage[lo:hi],
-                            {n: meta["dim"] for n in names}, batch_size)
+                            {n: encoder.dim for n in names}, batch_size)
             resumed = part.rows
             try:
                 with tqdm(total=hi - lo, initial=part.rows, unit="img", desc=f"extract {name}",
                           disable=not progress or rank != 0, dynamic_ncols=True) as bar:
                     for i in range(lo + part.rows, hi, batch_size):
                         batch = images.pixels[i:min(i + batch_size, hi)]
-                        feats = encoder.encode(batch)
-                        if "flip" in meta["views"]:
-                            flipped = encoder.encode(np.ascontiguousarray(batch[:, :, ::-1]))
-                            feats.update({f"flip/{k}": v for k, v in flipped.items()})
-                        part.append(feats)
+                        part.append(encoder.encode(batch, identity.views))
                         bar.update(len(batch))
             finally:
                 part.close()
@@ -143,6 +131,6 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                     "the cache must be on a filesystem they all share")
                 commit(path, name, parts, meta, selection, replace=replace)
         replace = False
-        summaries.append(Summary(name, len(images.ids), meta["dim"], time.perf_counter() - start, path,
+        summaries.append(Summary(name, len(images.ids), encoder.dim, time.perf_counter() - start, path,
                                  resumed=resumed * world))  # ranks resume alike: whole batches of equal shards
     return summaries

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data import CLASSES
 from fercache.errors import UserError
+from fercache.identity import HEAD, Identity
+from fercache.names import CLASSES
 
 WEIGHTS, CONFIG = "head.safetensors", "head.json"
-# What a head expects of its features, copied from the cache it was fitted on.
-EXPECTS = ("model", "model_revision", "preprocess", "feature", "layer", "views", "dtype")
+FORMAT_VERSION = 2  # 1: fercache 0.1.0, the same keys without `model_weights`, `image_size`, `format_version`
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))  # half-decade steps
 VAL_FRACTION = 0.2
 
 
 @dataclass
 class Head:
-    """A fitted linear head and what it expects (`meta`: model, preprocess, layer, views, ...)."""
+    """A fitted linear head and the features it expects: which encoder made them, which layer and view."""
 
     weight: np.ndarray  # (classes, D)
     bias: np.ndarray  # (classes,)
@@ -36,7 +36,9 @@ class Head:
     method: str
     standardize: bool
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    meta: dict = field(default_factory=dict)
+    identity: Identity | None = None  # None: fitted on arrays of unknown origin (`fit_linear` on your own)
+    layer: int | None = None
+    views: str = "plain"
 
     @property
     def dim(self) -> int:
@@ -69,8 +71,9 @@ class Head:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, folder / WEIGHTS)
-        config = {"format": "fercache-head", "classes": self.classes, "method": self.method, "dim": self.dim,
-                  "standardize": self.standardize, **{k: self.meta.get(k) for k in EXPECTS}}
+        config = {"format": "fercache-head", "format_version": FORMAT_VERSION, "classes": self.classes,
+                  "method": self.method, "dim": self.dim, "standardize": self.standardize, "layer": self.layer,
+                  "views": self.views, **(self.identity.to_meta(HEAD) if self.identity else {})}
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
@@ -86,9 +89,10 @@ class Head:
         try:
             config = json.loads((folder / CONFIG).read_text())
             t = load_file(folder / WEIGHTS)
+            identity = Identity.from_meta(config).encoder() if "model" in config else None
             head = cls(t["weight"], t["bias"], t["mean"], t["std"], config["method"], bool(config["standardize"]),
-                       list(config["classes"]), {k: config.get(k) for k in EXPECTS})
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+                       list(config["classes"]), identity, config.get("layer"), config.get("views") or "plain")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, UserError) as exc:
             raise UserError(f"{folder}: broken head ({type(exc).__name__}: {exc})") from None
         k, d = head.weight.shape if head.weight.ndim == 2 else (0, 0)
         if (k, d) != (len(head.classes), config.get("dim")) or head.bias.shape != (k,) \
@@ -102,7 +106,7 @@ def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std of the training features (0 and 1 when not standardising)."""
     if not standardize:
         return np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
-    mean, std = X.mean(axis=0, dtype=np.float32), X.std(axis=0, dtype=np.float32)  # float64: 4x slower, same to 1e-5
+    mean, std = X.mean(axis=0, dtype=np.float32), X.std(axis=0, dtype=np.float32)  # float64 is slower and agrees to 1e-5
     std[std < 1e-6] = 1.0  # a constant feature carries nothing; do not divide by ~0
     return mean, std
 
@@ -110,88 +114,57 @@ def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
 def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
                *, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, weight_decay: float = 0.0,
                seed: int = 0, standardize: bool = True) -> tuple[Head, list[dict]]:
-    """The reference recipe: nn.Linear, Adam, cross-entropy on shuffled minibatches.
+    """The reference recipe: `nn.Linear`, `torch.optim.Adam`, cross-entropy on shuffled minibatches.
 
     Returns the head and one history row per epoch: train loss and accuracy averaged over the
     epoch's minibatches (as the reference recipe reports them) and, when a test set is given, test
-    loss and accuracy of the whole set after the epoch. Same seed, same numbers.
-
-    Why it is fast (20 epochs of 28,709 x 768 in about 1.5 s on 2 CPU cores): the loop indexes
-    tensors already in memory (no DataLoader) on one thread, since for a 768x7 layer thread
-    hand-offs cost more than they save; and the cross-entropy gradient of a linear layer is written
-    out, (softmax(z) - onehot(y)) / B, instead of asking autograd, which spends most of a step on
-    bookkeeping. Adam is written out too (`_Adam`): building `torch.optim.Adam` imports
-    torch._dynamo, 1.5 s of a 5 s `fercache fit`. `tests/test_fit.py` checks the result equals
-    autograd with `torch.optim.Adam`.
+    loss and accuracy of the whole set after the epoch. Any float arrays; same seed, same numbers.
+    The loop indexes tensors already in memory (no DataLoader) on one thread: for a D x 7 layer,
+    thread hand-offs cost more than they save.
     """
     import torch
     import torch.nn.functional as F
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"need epochs >= 1, batch size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    X = np.asarray(X, dtype=np.float32)
     mean, std = moments(X, standardize)
-    n, d, k = len(X), X.shape[1], len(CLASSES)
-    # One row per face, [features | 1 | one-hot label], so a minibatch is a single gather and the
-    # bias rides along as the weight of the constant column: W1 = [weight | bias], (k, d + 1).
-    rows = torch.cat([torch.from_numpy((X - mean) / std), torch.ones(n, 1),
-                      F.one_hot(torch.from_numpy(np.asarray(y, dtype=np.int64)), k).float()], 1)
+    features = torch.from_numpy((X - mean) / std)
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     if X_test is not None:
-        Xv, yv = torch.from_numpy((X_test - mean) / std), torch.from_numpy(np.asarray(y_test, dtype=np.int64))
+        X_test = torch.from_numpy((np.asarray(X_test, dtype=np.float32) - mean) / std)
+        y_test = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
-            model = torch.nn.Linear(d, k)
-        w1 = torch.cat([model.weight.detach(), model.bias.detach()[:, None]], 1)
-        opt = _Adam([w1], lr, weight_decay)  # elementwise: the same update as on weight and bias apart
+            model = torch.nn.Linear(X.shape[1], len(CLASSES))
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         history = []
         for epoch in range(1, epochs + 1):
-            order = torch.randperm(n, generator=gen)
             loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
-            for i in range(0, n, batch_size):
-                batch = rows.index_select(0, order[i:i + batch_size])
-                xb, ob = batch[:, :d + 1], batch[:, d + 1:]
-                # model(xb), computed as (W1 @ xb.T).T: MKL's kernel for that order is ~3x faster at 7 outputs.
-                logp = torch.log_softmax(torch.mm(w1, xb.T).T, 1)
-                loss_sum -= (logp * ob).sum()
-                correct += (logp.argmax(1) == ob.argmax(1)).sum()
-                grad = logp.exp_().sub_(ob).div_(len(batch))  # d(mean cross-entropy)/d(logits)
-                opt.step([grad.T @ xb])
-            row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n}
+            for batch in torch.randperm(len(labels), generator=gen).split(batch_size):
+                logits = model(features[batch])
+                loss = F.cross_entropy(logits, labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # summed as tensors: no per-step conversion to Python numbers
+                    loss_sum += loss * len(batch)
+                    correct += (logits.argmax(1) == labels[batch]).sum()
+            row = {"epoch": epoch, "train_loss": loss_sum.item() / len(labels), "train_acc": correct.item() / len(labels)}
             if X_test is not None:
-                z = torch.addmm(w1[:, d], Xv, w1[:, :d].T)
-                row.update(test_loss=F.cross_entropy(z, yv).item(), test_acc=(z.argmax(1) == yv).float().mean().item())
+                with torch.no_grad():
+                    z = model(X_test)
+                row.update(test_loss=F.cross_entropy(z, y_test).item(), test_acc=(z.argmax(1) == y_test).float().mean().item())
             history.append(row)
     finally:
         torch.set_num_threads(threads)
-    head = Head(w1[:, :d].numpy().copy(), w1[:, d].numpy().copy(), mean, std, "linear", standardize)
+    head = Head(model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy(), mean, std, "linear",
+                standardize)
     return head, history
-
-
-class _Adam:
-    """torch.optim.Adam's update (Kingma & Ba, with torch's defaults and L2 weight decay)."""
-
-    def __init__(self, params: list, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        import torch
-
-        self.params, self.lr, self.weight_decay, self.betas, self.eps = params, lr, weight_decay, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    def step(self, grads: list) -> None:
-        (b1, b2), self.t = self.betas, self.t + 1
-        step_size = self.lr / (1 - b1 ** self.t)
-        root_correction = (1 - b2 ** self.t) ** 0.5
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            if self.weight_decay:
-                g = g.add(p, alpha=self.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, v.sqrt().div_(root_correction).add_(self.eps), value=-step_size)
 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool = True) -> tuple[Head, dict]:

@@ -1,15 +1,21 @@
 """Model inputs from FER2013's 48x48 uint8 arrays, made in batches on the model's device.
 
 Both recipes start from a gray face shown as 3 identical channels:
-- `clip`: exactly what the model's image processor does (for CLIP: shortest edge to 224 bicubic,
-  centre crop 224, CLIP's mean and std).
+- `clip`: exactly what the model's own image processor does, read from its settings: resize (a
+  shortest edge or a fixed height and width; ConvNeXt's `crop_pct`: shortest edge to size/crop_pct,
+  then a centre crop to size, below 384), the optional centre crop, its resample filter, rescale
+  (EfficientNet's `rescale_offset`), mean and std (EfficientNet's `include_top` divides by std
+  twice). For CLIP: shortest edge to 224 bicubic, centre crop 224, CLIP's mean and std.
 - `seed`: the reference project's recipe: resize to the model's size, bilinear, mean 0.5, std 0.5.
 
 PIL resizes an 8-bit image in two separable passes (horizontal, then vertical) with fixed-point
 weights, rounding to uint8 after each. For a fixed 48 -> S resize each pass is a small matrix
 product, so a batch is resized with two matmuls over PIL's own integer weights: the same pixels as
 the processor's PIL path, bit for bit, without per-image PIL calls and without ever holding a whole
-split of 224x224 tensors.
+split of 224x224 tensors. Normalising is one multiply-add per channel, within float32 rounding of
+the processor's steps. (transformers 5's torchvision-backed processors, used where torchvision is
+installed, resize with torchvision instead and differ from PIL by a few levels; the PIL path is
+the reference, as it is transformers 4's only one.)
 """
 
 from __future__ import annotations
@@ -21,10 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fercache.data import SIZE
 from fercache.errors import UserError
-
-PREPROCESS = ("clip", "seed")
+from fercache.names import PREPROCESS, SIZE
 PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling (32 - 8 - 2)
 
 
@@ -44,7 +48,8 @@ def _bicubic(x: float, a: float = -0.5) -> float:
     return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
 
 
-# PIL's filters by the integer codes image-processor configs store: (kernel, support).
+NEAREST = 0  # PIL's code for nearest-neighbour resampling (EfficientNet's configs use it)
+# PIL's convolution filters by the integer codes image-processor configs store: (kernel, support).
 FILTERS: dict[int, tuple[Callable[[float], float], float]] = {
     1: (lambda x: _sinc(x) * _sinc(x / 3) if -3 <= x < 3 else 0.0, 3.0),  # lanczos
     2: (lambda x: max(0.0, 1 - abs(x)), 1.0),  # bilinear
@@ -67,20 +72,52 @@ class Recipe:
     rescale: float = 1 / 255
 
 
+def _side(size, key: str) -> int | None:
+    """One entry of an image processor's `size`: a dict in transformers 4, a `SizeDict` in 5."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _per_channel(value) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))
+
+
 def recipe_for(name: str, processor, image_size: int) -> Recipe:
-    """The recipe `name` for a model, given its image processor (needed for `clip` only)."""
+    """The recipe `name` for a model, given its image processor (needed for `clip` only).
+
+    Reads only the processor's settings, so every family whose processor is one of transformers'
+    resize / crop / rescale / normalise pipelines is covered by the same code: CLIP, SigLIP, ViT
+    and DINOv2 (BiT), ConvNeXt and ResNet (crop_pct), EfficientNet (offset, include_top).
+    """
     if name == "seed":
         return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if name != "clip":
         raise UserError(f"unknown preprocessing '{name}': choose one of {', '.join(PREPROCESS)}")
-    size = processor.size if getattr(processor, "do_resize", True) else {"height": SIZE}
-    resize = size.get("shortest_edge") or size.get("height")
-    crop = processor.crop_size["height"] if getattr(processor, "do_center_crop", False) else resize
-    mean = processor.image_mean if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
-    std = processor.image_std if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0)
-    rescale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0
-    return Recipe("clip", int(resize), int(crop), int(processor.resample), tuple(mean), tuple(std),
-                  float(rescale))
+    kind = type(processor).__name__
+    resize = crop = SIZE
+    if getattr(processor, "do_resize", True):
+        size = processor.size
+        height, width, edge = _side(size, "height"), _side(size, "width"), _side(size, "shortest_edge")
+        if edge is None and (height is None or height != width):
+            raise UserError(f"{kind} resizes to {size}: fercache supports a shortest edge or a square size")
+        resize = crop = int(edge or height)
+        crop_pct = getattr(processor, "crop_pct", None)
+        if crop_pct and edge is not None and edge < 384:  # ConvNeXt's rule (its `resize`)
+            resize = int(edge / crop_pct)
+    if getattr(processor, "do_center_crop", False):
+        crop = _side(processor.crop_size, "height")
+        if crop != _side(processor.crop_size, "width") or crop > resize:
+            raise UserError(f"{kind} crops {resize} px to {processor.crop_size}: fercache supports a square "
+                            "crop no larger than the resized image")
+    # pixel * rescale - offset - mean, divided by std (by std squared with EfficientNet's include_top)
+    do_rescale = getattr(processor, "do_rescale", True)
+    rescale = float(processor.rescale_factor) if do_rescale else 1.0
+    offset = 1.0 if do_rescale and getattr(processor, "rescale_offset", False) else 0.0
+    normalize = getattr(processor, "do_normalize", True)
+    std = _per_channel(processor.image_std)
+    mean = (_per_channel(processor.image_mean) if normalize else np.zeros(3)) + offset
+    std = (std if normalize else np.ones(3)) * (std if getattr(processor, "include_top", False) else 1.0)
+    return Recipe("clip", int(resize), int(crop), int(processor.resample), tuple(map(float, mean)),
+                  tuple(map(float, std)), rescale)
 
 
 def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
@@ -89,9 +126,17 @@ def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
     A transcription of Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` (Resample.c):
     output = clip((x @ W.T + 2**21) >> 22, 0, 255), exactly as PIL computes each pass (the
     `Preprocessor` divides W by 2**22 up front, exact for a power of 2, and rounds half up).
+    Nearest (0) is Pillow's `ImagingScaleAffine`: a source position accumulated in double steps.
     """
+    if resample == NEAREST:
+        weights = np.zeros((size_out, size_in))
+        step, pos = size_in / size_out, size_in / size_out * 0.5
+        for xx in range(size_out):
+            weights[xx, int(pos)] = 1 << PRECISION_BITS
+            pos += step
+        return weights
     if resample not in FILTERS:
-        raise UserError(f"resampling filter {resample} is not supported (use bilinear, bicubic, "
+        raise UserError(f"resampling filter {resample} is not supported (use nearest, bilinear, bicubic, "
                         "lanczos, box or hamming)")
     kernel, support = FILTERS[resample]
     scale = size_in / size_out

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from fercache.cache import load_embeddings, read_meta
 from fercache.errors import UserError, warn
+from fercache.names import METHODS, POOLED, choice
 
-METHODS = ("linear", "logreg")
-POOLED = "pooled"  # the cache's `embeddings`: the model's pooler_output
 COMPARE_COLUMNS = ("model", "preprocess", "method", "views", "layer", "test_accuracy", "macro_f1")
 
 
@@ -35,8 +34,7 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
     """
     from fercache.heads import fit_linear, fit_logreg
 
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    choice(method, METHODS, "method")
     meta = read_meta(Path(cache))
     if not meta.get("layers"):
         raise UserError(f"{cache}: stores no per-layer features; extract with --layers (e.g. "

@@ -29,23 +29,24 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows = true).
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows = true).
 
-    Plain numpy: the same figures as scikit-learn's (zero where a class is never predicted),
-    without its import on every `fercache fit`.
+    Every class counts, present or not (zero where a class is never predicted or never true), so
+    figures from a `--limit` run compare with full ones.
     """
-    k = len(classes)
-    confusion = np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
-    tp, support, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=0)
+    present = support > 0
     return {
-        "accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
+        "balanced_accuracy": float(recall[present].mean()),  # mean recall over the classes that occur
         "macro_f1": float(f1.mean()),
         "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
-        "confusion": confusion.tolist(),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 

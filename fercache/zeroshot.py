@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fercache.data import CLASSES, open_source
-from fercache.encoder import DEFAULT_MODEL, PIXELS, pick_device
+from fercache.data import open_source
+from fercache.encoder import pick_device
 from fercache.errors import UserError, at_least_one, first_line
+from fercache.names import CLASSES, DEFAULT_MODEL, PIXELS
 from fercache.preprocess import Preprocessor, recipe_for
 
 # CLIP's prompts for FER2013 (openai/CLIP, data/prompts.md) and the class names they were written

@@ -13,12 +13,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import cli, make_fer_layout
-from fercache.cache import write_split
+from fercache.cache import cache_meta, write_split
 from fercache.cli import app
 from fercache.data import CLASSES, to_gray48
 from fercache.errors import FERCacheWarning, UserError
 from fercache.fit import evaluate, fit
 from fercache.heads import Head, fit_linear, fit_logreg
+from fercache.identity import Identity
 
 
 def synthetic(n: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,9 +33,7 @@ def synthetic(n: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.n
 def write_cache(path: Path, dim: int = 16, sep: float = 3.0, model: str = "synthetic", n: int = 2800,
                 splits: tuple[str, ...] = ("train", "test")) -> Path:
     """A cache-shaped HDF5 of synthetic features, written through the cache's own code."""
-    meta = {"model": model, "model_revision": "", "preprocess": "none", "feature": "synthetic", "dtype": "float32",
-            "image_size": 48, "dim": dim, "layers": [], "views": ["plain"], "classes": list(CLASSES),
-            "fercache_version": "test", "source": {"path": "synthetic", "format": "synthetic", "fingerprint": "s"}}
+    meta = cache_meta(Identity(model, "none", "synthetic", "float32", image_size=48, source="s"), dim)
     for i, split in enumerate(splits):
         X, y = synthetic(n if split == "train" else n // 2, dim, sep, seed=i)
         usage = ["train"] * len(y) if split == "train" else ["public_test", "private_test"] * (len(y) // 2)
@@ -83,12 +82,13 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
 
 
 def test_linear_head_is_the_reference_recipe_nn_linear_adam_cross_entropy():
-    """fit_linear's written-out gradient and Adam give what autograd and torch.optim.Adam give."""
+    """fit_linear is nn.Linear + torch.optim.Adam + cross-entropy on seeded shuffles, to 1e-5, float64 input too."""
     import torch
     import torch.nn.functional as F
 
     X, y = synthetic(600, 12, 1.0, seed=0)
-    head, history = fit_linear(X, y, epochs=3, batch_size=64, lr=1e-2, weight_decay=1e-3, seed=7, standardize=False)
+    head, history = fit_linear(X.astype(np.float64), y, epochs=3, batch_size=64, lr=1e-2, weight_decay=1e-3, seed=7,
+                               standardize=False)
     torch.manual_seed(7)
     model = torch.nn.Linear(12, len(CLASSES))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
@@ -104,13 +104,6 @@ def test_linear_head_is_the_reference_recipe_nn_linear_adam_cross_entropy():
     np.testing.assert_allclose(head.weight, model.weight.detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(head.bias, model.bias.detach().numpy(), atol=1e-5)
     assert history[-1]["train_loss"] == pytest.approx(sum(losses) / len(X), rel=1e-5)
-
-
-def test_cli_default_model_is_the_library_default():
-    from fercache import cli
-    from fercache.encoder import DEFAULT_MODEL
-
-    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
 
 
 def test_torch_and_sklearn_heads_agree_on_easy_data():
@@ -177,7 +170,7 @@ def test_evaluate_reproduces_fit(easy, tmp_path):
 
 def test_evaluate_refuses_another_model_or_dimension(easy, tmp_path):
     _, run = easy
-    with pytest.raises(UserError, match="model='other'"):
+    with pytest.raises(UserError, match="model 'other' vs 'synthetic'"):
         evaluate(write_cache(tmp_path / "other.h5", model="other", n=70), run)
     with pytest.raises(UserError, match="8-d features.*16-d"):
         evaluate(write_cache(tmp_path / "narrow.h5", dim=8, n=70), run)
@@ -223,7 +216,7 @@ def test_predict_any_image_through_the_cli(tiny_run, tiny_model, tmp_path):
 
 
 def test_detect_face_without_a_face_warns_and_still_predicts(tiny_run, tmp_path):
-    from fercache.fit import predict
+    from fercache.predict import predict
 
     blank = tmp_path / "blank.jpg"
     Image.new("RGB", (120, 80), (200, 180, 160)).save(blank)
@@ -244,7 +237,7 @@ def test_user_errors_are_one_line_and_exit_2(easy, tiny_run, tmp_path):
         ("fit", "--cache", str(tmp_path / "missing.h5")): "no such cache; make it with `fercache extract`",
         ("fit", "--cache", str(only_train)): "split 'test' is not in this cache",
         ("fit", "--cache", str(cache), "--layer", "3"): "layer 3 is not stored",
-        ("evaluate", "--cache", str(cache), "--head", str(tiny_run)): "but the head was fitted on model=",
+        ("evaluate", "--cache", str(cache), "--head", str(tiny_run)): "the head was fitted on features of another encoder",
         ("evaluate", "--cache", str(cache), "--head", str(tmp_path)): "not a head folder",
         ("evaluate", "--cache", str(cache), "--head", str(tmp_path / "broken")): "broken head",
         ("predict", "--head", str(tiny_run), str(tmp_path / "notes.png")): "notes.png: not a readable image",

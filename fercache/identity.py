@@ -1,0 +1,93 @@
+"""What makes features comparable: one typed identity, recorded by caches and heads, compared in one place.
+
+Two caches may share rows, a head may score a cache, ranks may join one cache, and a resumed run
+may reuse a part file only when the features come from the same encoder (model, revision,
+weights, preprocessing, feature, image size) and, for rows in one file, the same dtype, stored
+layers, views and dataset. `Identity.differences` names every field that differs, so each refusal
+is one line that says what differs.
+
+Stored flat, as a cache's root attributes and in `head.json`, under the keys of `ATTRS`. Files
+written by fercache 0.1.0 lack `model_weights` (and heads `image_size`); an empty value means
+"not known" and is not compared, so they still load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fercache.errors import UserError
+
+# field -> key in cache attributes and head.json (0.1.0's names, kept so old files read as they are)
+ATTRS = {"model": "model", "revision": "model_revision", "weights": "model_weights", "preprocess": "preprocess",
+         "feature": "feature", "image_size": "image_size", "dtype": "dtype", "layers": "layers",
+         "tokens": "tokens", "views": "views", "source": "source"}
+ENCODER = ("model", "revision", "weights", "preprocess", "feature", "image_size")  # what a head needs
+CACHE = ENCODER + ("dtype", "layers", "tokens", "views", "source")  # what rows in one file share
+HEAD = ENCODER + ("dtype",)  # what head.json records (dtype: the one `predict` encodes in)
+OPTIONAL = ("revision", "weights", "image_size", "tokens")  # compared only where both sides know them
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where a cache's features come from; a head keeps the encoder part of it."""
+
+    model: str  # hub id, local folder or `pixels`
+    preprocess: str
+    feature: str  # pooler_output, pixels, ...
+    dtype: str  # the encoder's compute dtype
+    image_size: int | None = None  # the model input's side (None: not recorded)
+    revision: str = ""  # hub commit hash that was loaded ("" for local folders and old files)
+    weights: str = ""  # sha256 of a local folder's weight files ("" for hub models and old files)
+    layers: tuple[int, ...] = ()
+    tokens: int | None = None  # block whose input token sequence is stored (stage three)
+    views: tuple[str, ...] = ("plain",)
+    source: str = ""  # the dataset's content fingerprint ("" for a head: heads score any source)
+
+    def to_meta(self, keys: tuple[str, ...] = tuple(ATTRS)) -> dict:
+        """The flat attributes a cache's root (all keys) or `head.json` (`HEAD`) stores, JSON-friendly."""
+        out = {}
+        for key in keys:
+            value = getattr(self, key)
+            out[ATTRS[key]] = list(value) if isinstance(value, tuple) else value
+        if "source" in keys:
+            out["source"] = {"fingerprint": self.source}
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Identity:
+        """Read what `to_meta` (or fercache 0.1.0) wrote; missing optional keys read as unknown."""
+        missing = [ATTRS[k] for k in ("model", "preprocess", "feature", "dtype") if ATTRS[k] not in meta]
+        if missing:
+            raise UserError(f"no fercache metadata ({', '.join(missing)} missing)")
+        source = meta.get("source") or {}
+        size = meta.get("image_size")
+        tokens = meta.get("tokens")
+        return cls(model=meta["model"], preprocess=meta["preprocess"], feature=meta["feature"], dtype=meta["dtype"],
+                   image_size=int(size) if size else None, revision=meta.get("model_revision") or "",
+                   weights=meta.get("model_weights") or "", layers=tuple(meta.get("layers") or ()),
+                   tokens=int(tokens) if tokens is not None and tokens != -1 else None,
+                   views=tuple(meta.get("views") or ("plain",)),
+                   source=source.get("fingerprint", "") if isinstance(source, dict) else str(source))
+
+    def encoder(self) -> Identity:
+        """Only what a head depends on: which encoder made its features, not which rows or files."""
+        return replace(self, layers=(), tokens=None, views=("plain",), source="")
+
+    def differences(self, other: Identity, keys: tuple[str, ...] = CACHE) -> list[str]:
+        """`key: here vs there` for every field in `keys` that differs (unknown optional values match)."""
+        out = []
+        for key in keys:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if key in OPTIONAL and (mine in ("", None) or theirs in ("", None)):
+                continue
+            if mine != theirs:
+                short = (lambda v: v[:19] + "…" if isinstance(v, str) and len(v) > 20 else v)
+                out.append(f"{'dataset' if key == 'source' else ATTRS[key]} {short(mine)!r} vs {short(theirs)!r}")
+        return out
+
+    def check(self, wanted: Identity, where: object, keys: tuple[str, ...] = CACHE, hint: str = "") -> None:
+        """Raise one `UserError` line naming every difference between what `where` holds and what is wanted."""
+        diff = self.differences(wanted, keys)
+        if diff:
+            raise UserError(f"{where} differs from what is asked ({'; '.join(diff)}; here vs asked)"
+                            + (f": {hint}" if hint else ""))
