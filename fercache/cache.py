@@ -9,20 +9,34 @@ Layout (documented in the README):
     /<split>/labels        int64 (N,)
     /<split>/ids           UTF-8 strings (N,)
     /<split>/usage         UTF-8 strings (N,): train, public_test or private_test per row
-    /<split>/layers/<k>    float32 (N, D): CLS after block k (only with --layers)
+    /<split>/layers/<k>    float32 (N, D_k): the feature after block k (only with --layers)
     /<split>/flip/...      the same features of the mirrored faces (only with --tta flip)
+    /<split>/tokens        float16 (N, T, D): the token sequence entering block K+1 (only with --tokens K)
                            attrs: complete, selection
 
 Nothing is ever lost or mixed: rows are first appended, batch by batch, to a part file in
 `<cache>.partial/` (one per split, or per rank under torchrun), which a rerun resumes from. Only a
 finished split is written into the cache, by building a new file and renaming it over the old one,
 so the cache itself never holds a half-written split or a false `complete`.
+
+What survives what: the part's row count is written only after the rows it counts are flushed
+and fsynced, and is itself fsynced; the new cache is fsynced before the rename, its folder after.
+A kill at any point loses at most the rows since the last flush. A power cut in the middle of
+HDF5's own metadata write can still leave a part file that does not open: that shard starts anew.
+
+Files are opened with HDF5's locks where the filesystem has them (`HDF5_USE_FILE_LOCKING`
+overrides): a part another live process is writing is locked, and a lock error is never taken
+for a damaged file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NamedTuple
@@ -30,13 +44,21 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from fercache.errors import UserError
+try:
+    import fcntl
+except ImportError:  # Windows: commits are not serialised there
+    fcntl = None
+
+from fercache.errors import UserError, first_line
 from fercache.identity import Identity
 from fercache.names import CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
 
 FORMAT_VERSION = 2  # 1: fercache 0.1.0 (no `model_weights`, no `format_version`); both read the same
 JSON_ATTRS = ("classes", "layers", "tokens", "views", "source", "selection")
 STR = h5py.string_dtype("utf-8")
+TOKENS = feature_name(tokens=True)  # stored as float16: 2.8 GB for all of FER2013 with ViT-B/32, not 5.5
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+LOCKING: str | bool = "best-effort"  # HDF5's locks where the filesystem has them; see `file_locking`
 
 
 def fercache_version() -> str:
@@ -79,9 +101,37 @@ def read_attrs(obj: h5py.HLObject) -> dict:
     return out
 
 
+def file_locking(on: bool) -> None:
+    """Use HDF5's file locks (the default) or not (`--no-file-locking`: NFS or Lustre without locks).
+
+    HDF5_USE_FILE_LOCKING=FALSE in the environment at start does the same (HDF5 reads it once).
+    Without locks a live run cannot be told from a dead one: run one job per cache at a time.
+    """
+    global LOCKING
+    LOCKING = "best-effort" if on else False
+
+
+def h5open(path: Path, mode: str = "r") -> h5py.File:
+    """`h5py.File` with fercache's locking; a lock that fails is a `UserError`, never a bad file.
+
+    Either another process holds the file (a live fercache run writing it), or the filesystem
+    refuses locks (NFS or Lustre mounted without them: `--no-file-locking`).
+    """
+    try:
+        return h5py.File(path, mode, locking=LOCKING)
+    except OSError as exc:
+        if "unable to lock file" not in str(exc):
+            raise
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"{path}: another process holds this file (a fercache run writing it?); "
+                            "wait for it to end, or stop it, then run again") from None
+        raise UserError(f"{path}: the filesystem refuses file locks ({first_line(exc)}); pass --no-file-locking "
+                        "(or set HDF5_USE_FILE_LOCKING=FALSE) and run one job per cache at a time") from None
+
+
 def _open(path: Path, mode: str = "r") -> h5py.File:
     try:
-        return h5py.File(path, mode)
+        return h5open(path, mode)
     except FileNotFoundError:
         raise UserError(f"{path}: no such cache; make it with `fercache extract`") from None
     except OSError as exc:
@@ -112,55 +162,93 @@ def split_state(path: Path, split: str) -> tuple[dict, dict | None]:
 
 
 class PartFile:
-    """The rows of one split (or one rank's shard of it), appended batch by batch.
+    """One split's rows (or one rank's shard of them) as they are encoded: resumable after a crash.
 
-    Ids, labels and usage are written when the file is made; feature rows follow, each batch
-    flushed with the attribute `rows`, the count a rerun can trust after a crash.
+    Made for a shard of `capacity` images (`shard`: a digest of their ids); rows are the images
+    that decoded, in order, with their ids, labels and usage. `append` writes rows, `flush` makes
+    them durable: rows first (flush, fsync), then the attributes a rerun trusts (`rows`, and
+    `consumed`, the shard's images looked at so far) and `done`, flushed and fsynced again. A part
+    another live process holds is refused (`h5open`), never deleted; one that does not open
+    (torn by a crash) or was made for another shard or encoder is started anew.
     """
 
-    def __init__(self, path: Path, meta: dict, ids: list[str], labels: np.ndarray, usage: list[str],
-                 dims: dict[str, int], chunk: int):
+    def __init__(self, path: Path, meta: dict, shard: str, capacity: int, shapes: dict[str, tuple[int, ...]],
+                 chunk: int, fresh: bool = False):
         self.path = path
-        self.file = self._resume(path, meta, ids) if path.exists() else None
+        self.file = self._resume(path, meta, shard, fresh)
         if self.file is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = h5py.File(path, "w")
-            write_attrs(self.file, meta)
-            self.file.attrs["rows"] = 0
-            self.file.create_dataset("ids", data=np.array(ids, dtype=object), dtype=STR)
-            self.file.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            self.file.create_dataset("usage", data=np.array(usage, dtype=object), dtype=STR)
-            for name, dim in dims.items():
-                self.file.create_dataset(name, shape=(len(ids), dim), dtype=np.float32,
-                                         chunks=(min(chunk, len(ids)), dim) if ids else None)
+            try:
+                self.file = h5open(path, "w-")  # never truncates: a second run made it first, it stays its own
+            except FileExistsError:
+                raise UserError(f"{path}: another run made this part file just now; run one job per cache "
+                                "at a time") from None
+            write_attrs(self.file, {**meta, "shard": shard})
+            self.file.attrs.update({"rows": 0, "consumed": 0, "done": False})
+            rows = max(1, min(chunk, capacity))
+            self.file.create_dataset("ids", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
+            self.file.create_dataset("labels", shape=(capacity,), dtype=np.int64)
+            self.file.create_dataset("usage", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
+            for name, shape in shapes.items():
+                self.file.create_dataset(name, shape=(capacity, *shape),
+                                         dtype=np.float16 if name == TOKENS else np.float32,
+                                         chunks=(rows, *shape) if capacity else None)
             self.file.flush()
-        self.rows = int(self.file.attrs["rows"])
+            _fsync_folder(path.parent)  # the new part's name survives a power cut too
+        self.rows, self.consumed = int(self.file.attrs["rows"]), int(self.file.attrs["consumed"])
+        self.flushed = self.rows
 
     @staticmethod
-    def _resume(path: Path, meta: dict, ids: list[str]) -> h5py.File | None:
-        """Reopen a part file left by an interrupted run, or None if it cannot be trusted."""
-        try:
-            f = h5py.File(path, "r+")
-        except OSError:
-            path.unlink()  # killed in the middle of a flush: start this part again
+    def _resume(path: Path, meta: dict, shard: str, fresh: bool) -> h5py.File | None:
+        """Reopen a part left by an interrupted run, or None (deleted) if it cannot be used."""
+        if not path.exists():
             return None
-        same = not Identity.from_meta(read_attrs(f)).differences(Identity.from_meta(meta))
-        if not same or [s.decode() for s in f["ids"][:]] != ids:
+        try:
+            f = h5open(path, "r+")  # another live process holding it: a UserError, the file untouched
+        except OSError as exc:
+            if exc.errno is not None or "errno =" in str(exc):  # the system failed (EIO, ESTALE, EACCES...)
+                raise UserError(f"{path}: cannot open this part file ({first_line(exc)}); it was left as it "
+                                "is: fix the filesystem and run again, or delete it to redo its rows") from None
+            path.unlink()  # HDF5 cannot read it (torn by a crash in the middle of a flush): start it again
+            return None
+        attrs = read_attrs(f)
+        if fresh or attrs.get("shard") != shard or Identity.from_meta(attrs).differences(Identity.from_meta(meta)):
             f.close()
-            path.unlink()  # made for another selection of this same cache: its rows do not apply
+            path.unlink()  # --force, or made for another selection or encoder: its rows do not apply
             return None
         return f
 
-    def append(self, feats: dict[str, np.ndarray]) -> None:
-        n = len(next(iter(feats.values())))
-        for name, rows in feats.items():
-            self.file[name][self.rows:self.rows + n] = rows
-        self.rows += n
-        self.file.attrs["rows"] = self.rows
+    def append(self, ids: list[str], labels: np.ndarray, usage: list[str], consumed: int,
+               features: dict[str, np.ndarray]) -> None:
+        """Write rows after those already here (durable only after the next `flush`)."""
+        lo, hi = self.rows, self.rows + len(ids)
+        if TOKENS in features and not np.isfinite(features[TOKENS]).all():  # float16 overflow (and NaN)
+            raise UserError(f"{self.path}: tokens of {ids[0]} ... exceed float16's range (|x| > {FLOAT16_MAX:g}); "
+                            "this model's tokens cannot be cached: tune it --from-images")
+        self.file["ids"][lo:hi] = np.array(ids, dtype=object)
+        self.file["labels"][lo:hi] = labels
+        self.file["usage"][lo:hi] = np.array(usage, dtype=object)
+        for name, rows in features.items():
+            self.file[name][lo:hi] = rows
+        self.rows, self.consumed = hi, consumed
+
+    def flush(self, done: bool = False) -> None:
+        """Make the rows durable, then the count that trusts them (see the class docstring)."""
+        fd = self.file.id.get_vfd_handle()
         self.file.flush()
+        os.fsync(fd)
+        self.file.attrs.update({"rows": self.rows, "consumed": self.consumed, "done": done})
+        self.file.flush()
+        os.fsync(fd)
+        self.flushed = self.rows
 
     def close(self) -> None:
         self.file.close()
+
+
+def shard_digest(ids: list[str]) -> str:
+    """What a part file is for: the ids of its shard's images, in order, as one short digest."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
 
 
 def part_path(cache: Path, split: str, rank: int = 0, world: int = 1) -> Path:
@@ -172,45 +260,61 @@ def write_split(cache: str | os.PathLike, split: str, meta: dict, ids: list[str]
                 usage: list[str], features: dict[str, np.ndarray]) -> None:
     """Write a whole split already in memory (a converted or synthetic cache) the way `extract` does."""
     cache = Path(cache)
-    part = PartFile(part_path(cache, split), meta, ids, labels, usage,
-                    {name: x.shape[1] for name, x in features.items()}, chunk=1024)
-    part.append(features)
+    lengths = {len(ids), len(labels), len(usage), *(len(x) for x in features.values())}
+    if len(lengths) > 1:
+        raise ValueError(f"write_split: ids, labels, usage and features differ in length ({sorted(lengths)})")
+    part = PartFile(part_path(cache, split), meta, shard_digest(ids), len(ids),
+                    {name: x.shape[1:] for name, x in features.items()}, chunk=1024, fresh=True)
+    part.append(ids, labels, usage, len(ids), features)
+    part.flush(done=True)
     part.close()
     commit(cache, split, [part.path], meta, {"split": split, "limit": None, "count": len(ids)})
 
 
 def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: dict,
-           replace: bool = False) -> None:
+           replace: bool = False) -> int:
     """Write a finished split into the cache atomically: a new file, then a rename over the old.
 
     Other complete splits are carried over (unless `replace`), so space of a redone split is
-    reclaimed and a crash at any point leaves the previous cache untouched.
+    reclaimed and a crash at any point leaves the previous cache untouched. The new file is
+    fsynced before the rename and the folder after it, so a power cut leaves the old cache or the
+    new one. Returns the split's number of rows.
     """
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    sources = [h5py.File(p, "r") for p in parts]
+    sources = [h5open(p, "r") for p in parts]
     try:
-        with h5py.File(tmp, "w") as out:
-            write_attrs(out, meta)
-            if cache.exists() and not replace:
-                with _open(cache) as old:
-                    for name in old:
-                        if name != split and old[name].attrs.get("complete", False):
-                            old.copy(old[name], out, name=name)
-            group = out.create_group(split)
-            names = [n for n in _datasets(sources[0]) if n not in ("ids", "labels", "usage")]
-            for name in ("ids", "labels", "usage") + tuple(names):
-                data = np.concatenate([s[name][:] for s in sources])
-                if name in ("ids", "usage"):
-                    group.create_dataset(name, data=data, dtype=STR)
-                else:
-                    chunks = (max(1, min(1024, len(data))), data.shape[1]) if data.ndim == 2 else None
-                    group.create_dataset(name, data=data, chunks=chunks)
-            write_attrs(group, {"selection": selection})
-            group.attrs["complete"] = True
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
+        for p, s in zip(parts, sources):
+            if not s.attrs.get("done", False):
+                raise UserError(f"{p}: this part is not finished ({int(s.attrs['rows'])} rows); run the same "
+                                "command again to finish it")
+        counts = [int(s.attrs["rows"]) for s in sources]
+        if not sum(counts):
+            raise UserError(f"{meta.get('source', {}).get('path', 'the data')}: none of the images of split "
+                            f"'{split}' could be read")
+        with _one_commit_at_a_time(cache):
+            with h5open(tmp, "w") as out:
+                write_attrs(out, meta)
+                if cache.exists() and not replace:
+                    with _open(cache) as old:
+                        for name in old:
+                            if name != split and old[name].attrs.get("complete", False):
+                                old.copy(old[name], out, name=name)
+                group = out.create_group(split)
+                names = [n for n in _datasets(sources[0]) if n not in ("ids", "labels", "usage")]
+                for name in ("ids", "labels", "usage") + tuple(names):
+                    data = np.concatenate([s[name][:n] for s, n in zip(sources, counts)])
+                    if name in ("ids", "usage"):
+                        group.create_dataset(name, data=data, dtype=STR)
+                    else:
+                        chunks = (max(1, min(1024, len(data))), *data.shape[1:]) if data.ndim >= 2 else None
+                        group.create_dataset(name, data=data, chunks=chunks)
+                write_attrs(group, {"selection": selection})
+                group.attrs["complete"] = True
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, cache)
+            _fsync_folder(cache.parent)
     finally:
         for s in sources:
             s.close()
@@ -219,6 +323,38 @@ def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: di
         p.unlink()
     if parts and not any(parts[0].parent.iterdir()):
         parts[0].parent.rmdir()
+    return sum(counts)
+
+
+@contextmanager
+def _one_commit_at_a_time(cache: Path) -> Iterator[None]:
+    """Hold `<cache>.lock` from reading the old cache to the rename; a second commit waits for it.
+
+    Two jobs committing other splits of one cache at once would each carry the old cache over
+    without the other's split, and the last rename would win. Without locks (`--no-file-locking`,
+    or a filesystem that refuses them) nothing is held: run one job per cache at a time.
+    """
+    if LOCKING is False or fcntl is None:
+        yield
+        return
+    with open(cache.with_name(cache.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # the filesystem has no locks: as HDF5's best effort, go on without
+            pass
+        yield
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform can open a folder: not Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _datasets(group: h5py.Group) -> list[str]:
@@ -245,12 +381,12 @@ def _groups(f: h5py.File, split: str, path: Path) -> list[tuple[h5py.Group, str 
 
 
 def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int | None = None,
-                    view: str = "plain") -> Embeddings:
+                    view: str = "plain", tokens: bool = False) -> Embeddings:
     """Cached features of one split as numpy arrays: `X, y, ids, classes, meta`.
 
     `split` may be a stored group or a part of one (`public_test` and `private_test` of `test`;
     `all` is train then test). `layer` picks a stored block (`extract --layers`), `view` is
-    `plain`, `flip` (`extract --tta flip`) or `mean` (the two averaged).
+    `plain`, `flip` (`extract --tta flip`) or `mean` (the two averaged); `tokens`: see `load_tokens`.
     """
     path = Path(cache)
     choice(view, VIEWS, "view")
@@ -259,6 +395,11 @@ def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int |
         xs, ys, ids = [], [], []
         for group, usage in _groups(f, split, path):
             names = [feature_name(layer, v) for v in (("plain", "flip") if view == "mean" else (view,))]
+            if tokens:
+                names = [TOKENS]
+                if TOKENS not in group:
+                    raise UserError(f"{path}: no tokens stored; extract them with `fercache extract --tokens K` "
+                                    "(K: the blocks below those stage three tunes)")
             for name in names:
                 if name not in group:
                     no_layer = layer is not None and layer not in (meta.get("layers") or [])
@@ -273,6 +414,13 @@ def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int |
             xs.append(x), ys.append(y), ids.extend(i)
     meta["split"] = split
     return Embeddings(np.concatenate(xs), np.concatenate(ys), ids, list(meta.get("classes", CLASSES)), meta)
+
+
+def load_tokens(cache: str | os.PathLike, split: str = "train") -> Embeddings:
+    """The token sequences of one split that stage three tunes from (`extract --tokens K`): `X` is
+    float16 (N, T, D), what enters block K+1 (`meta["tokens"]` is K); `y, ids, classes, meta` as
+    `load_embeddings` gives them. ViT-B/32: T = 50 (49 patches and CLS), D = 768."""
+    return load_embeddings(cache, split, tokens=True)
 
 
 def usage_of(cache: str | os.PathLike, split: str) -> list[str]:

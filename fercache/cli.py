@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from fercache.errors import FERCacheWarning, UserError
+from fercache.names import CLASS_WEIGHTS, VALS
 from fercache.names import DEFAULT_MODEL, METHODS, PREPROCESS, SPLIT_CHOICES, TTA, VIEWS, default_cache
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -27,13 +28,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Options several commands share, defined once.
 DataOpt = typer.Option(None, "--data", help="FER2013 zip, folder or CSV [default: ./data or $FERCACHE_DATA]")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
-ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a CLIP-family model, or `pixels` for the "
-                        "raw-pixel baseline.")
+ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a Hugging Face vision model (CLIP, SigLIP, "
+                        "DINOv2, ViT, ConvNeXt, ResNet, EfficientNet, ...), or `pixels` for the raw-pixel baseline.")
+RevisionOpt = typer.Option(None, help="Hub branch, tag or commit [default: main]; the commit it resolves to is "
+                           "recorded, and heads and caches reload exactly that commit.")
 PreprocessOpt = typer.Option(PREPROCESS[0], help="clip: the model's own image processor; seed: the reference "
                              "project's recipe (bilinear, mean/std 0.5).")
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda or mps.")
 DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16.")
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
+ExtractBatchOpt = typer.Option(None, "--batch-size", help="Images per forward pass of the encoder "
+                               "[default: 64; 256 on CUDA].")
+LockingOpt = typer.Option(True, "--file-locking/--no-file-locking",
+                          help="HDF5 file locks; turn them off on NFS or Lustre mounted without locks (then run "
+                               "one job per cache at a time), as HDF5_USE_FILE_LOCKING=FALSE does.")
 LimitOpt = typer.Option(None, help="Only the first N images of each split, for quick trials.")
 SplitOpt = typer.Option("test", help=f"{', '.join(SPLIT_CHOICES[:-1])} or all.")
 CacheOpt = typer.Option(None, help="Cache file [default: data/cache/<model>__<preprocess>.h5].")
@@ -44,8 +52,12 @@ ViewsOpt = typer.Option(VIEWS[0], "--views", help="plain, flip or mean (plain an
 def _emit(obj: dict) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
-MethodOpt = typer.Option(METHODS[0], help="linear: nn.Linear + Adam (the reference recipe); logreg: scikit-learn "
-                         "logistic regression, C chosen on a validation part of train.")
+MethodOpt = typer.Option(METHODS[0], help="linear: nn.Linear + Adam (the reference recipe); logreg: L2 logistic "
+                         "regression (L-BFGS to convergence), C chosen by the one-SE rule on validation.")
+ValOpt = typer.Option(VALS[0], "--val", help="What chooses (logreg's C, probe's layer): train, a stratified 20% of "
+                      "train; public_test: PublicTest, and test is PrivateTest (the challenge's protocol). Never test.")
+ClassWeightOpt = typer.Option(CLASS_WEIGHTS[0], "--class-weight", help="none, or balanced: weigh each class's "
+                              "loss by n / (7 x its rows), so rare classes (disgust) count as much as common ones.")
 EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
 
 
@@ -60,23 +72,63 @@ def _resumable() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+@contextmanager
+def _stage_one(device: str, file_locking: bool) -> Iterator[tuple[str, int]]:
+    """Where stage one runs: one process, or a rank under torchrun; yields (device, rank).
+
+    A failure on any rank is raised on every rank: rank 0 says it once, and the others wait till
+    it has before all exit 2. Ctrl-C says how to go on (`_resumable`).
+    """
+    from fercache.cache import file_locking as use_locks
+    from fercache.distributed import RankFailed, barrier, torchrun_group
+
+    use_locks(file_locking)
+    with torchrun_group(device) as (device, rank), _resumable():
+        try:
+            yield device, rank
+        except RankFailed as exc:
+            if rank == 0:
+                typer.echo(f"fercache: error: {exc}", err=True)
+            if not exc.crashed:  # (a crashed rank is gone already, its traceback said it)
+                barrier()  # torchrun stops all ranks when the first one exits
+            raise typer.Exit(2) from None
+
+
 def _echo_fit(result) -> None:
     """The epoch table (or logreg's C search), the test figures and where the files are."""
     from fercache.report import format_table
 
     m = result.metrics
-    if m["method"] == "linear":
-        keys = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+    if m["method"] != "logreg":  # linear, and finetune's, whose rows add validation
+        keys = [k for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+                if k in m["history"][0]]
         typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
     else:
-        keys = ["C", "val_loss", "val_acc", "n_iter"]
-        typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in m["logreg"]["validation"]]))
-        typer.echo(f"chosen C = {m['logreg']['C']:g} (on a {m['logreg']['val_fraction']:.0%} validation part of train)")
-    halves = [f"{half} {m[f'{half}_test_accuracy']:.4f}" for half in ("public", "private")
-              if m[f"{half}_test_accuracy"] is not None]  # a --limit may hold one half only
-    typer.echo(f"test accuracy {m['test_accuracy']:.4f}" + (f" ({', '.join(halves)})" if halves else "")
-               + f", macro-F1 {m['macro_f1']:.4f} on {m['test_count']:,} faces; fitted in {m['fit_seconds']:.2f} s")
-    typer.echo(f"wrote {result.out}/: metrics.json, history.csv, confusion.png, curves.png, head.safetensors, head.json")
+        search = m["logreg"]
+        keys = ["C", "val_loss", "val_acc", "val_se", "n_iter", "converged"]
+        typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in search["validation"]]))
+        where = "PublicTest" if search["val"] == "given" else f"a {search['val_fraction']:.0%} validation part of train"
+        typer.echo(f"chosen C = {search['C']:g} on {where} ({search['val_count']:,} faces): the strongest "
+                   f"regularisation within one SE of the best (C = {search['best_val_C']:g})")
+
+    def figure(key: str, name: str) -> str:
+        low, high = m.get(f"{key}_low"), m.get(f"{key}_high")
+        return f"{name} {m[key]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+
+    halves = [figure(f"{half}_test_accuracy", half) for half in ("public", "private")
+              if m.get(f"{half}_test_accuracy") is not None and m.get("test_split", "test") == "test"]
+    # (a --limit may hold one half only; with --val public_test, test is PrivateTest alone)
+    typer.echo(figure("test_accuracy", f"{m.get('test_split', 'test')} accuracy")
+               + (f" ({', '.join(halves)})" if halves else "") + ", " + figure("macro_f1", "macro-F1")
+               + (", " + figure("balanced_accuracy", "balanced accuracy") if "balanced_accuracy" in m else "")
+               + f" on {m['test_count']:,} faces (95% bootstrap intervals); fitted in {m['fit_seconds']:.2f} s")
+    if m.get("few_shot"):
+        fs = m["few_shot"]
+        typer.echo(f"{fs['shots']} faces per class, {fs['repeats']} draws: accuracy {fs['accuracy_mean']:.4f} ± "
+                   f"{fs['accuracy_std']:.4f}, macro-F1 {fs['macro_f1_mean']:.4f} ± {fs['macro_f1_std']:.4f} "
+                   "(mean ± sd; the head and figures above are the first draw's)")
+    weights = "tuned.safetensors, tuned.json" if "blocks" in m else "head.safetensors, head.json"
+    typer.echo(f"wrote {result.out}/: metrics.json, report.html, predictions.csv, history.csv, *.png, {weights}")
 
 
 @app.command()
@@ -86,22 +138,28 @@ def run(
     preprocess: str = PreprocessOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    batch_size: int = EncodeBatchOpt,
+    batch_size: Optional[int] = ExtractBatchOpt,
     method: str = MethodOpt,
     epochs: int = EpochsOpt,
     limit: Optional[int] = LimitOpt,
     cache: Optional[Path] = CacheOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+    revision: Optional[str] = RevisionOpt,
+    file_locking: bool = LockingOpt,
 ) -> None:
-    """The whole job: extract train and test (reusing the cache), fit the head, report on test."""
+    """The whole job: extract train and test (reusing the cache), fit the head, report on test.
+
+    Under `torchrun ... -m fercache run ...` the ranks extract as `extract` does; rank 0 alone fits.
+    """
     from fercache.pipeline import run as run_all
 
-    with _resumable():
+    with _stage_one(device, file_locking) as (device, rank):
         summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit,
-                                    cache, out)
-    for summary in summaries:
-        typer.echo(str(summary))
-    _echo_fit(result)
+                                    cache, out, revision=revision)
+    if rank == 0:
+        for summary in summaries:
+            typer.echo(str(summary))
+        _echo_fit(result)
 
 
 @app.command()
@@ -119,7 +177,9 @@ def info(path: Path = typer.Argument(..., help="A FER2013 source (zip, folder, C
     if is_cache:
         typer.echo(f"{path}: cache of {desc['model']} ({desc['preprocess']} preprocessing, {desc['dtype']}, "
                    f"{desc['feature']}); made by fercache {desc['fercache_version']} from {desc['source']['path']}")
-        typer.echo(f"layers: {desc.get('layers') or 'none'}; views: {', '.join(desc.get('views', ['plain']))}")
+        tokens = desc.get("tokens")
+        typer.echo(f"layers: {desc.get('layers') or 'none'}; views: {', '.join(desc.get('views', ['plain']))}; "
+                   f"tokens: {'none' if tokens is None else f'entering block {tokens + 1} (--tokens {tokens})'}")
     else:
         typer.echo(f"{path}: FER2013 as {desc['format']}")
     classes = desc["classes"]
@@ -136,31 +196,28 @@ def extract(
     preprocess: str = PreprocessOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    batch_size: int = EncodeBatchOpt,
+    batch_size: Optional[int] = ExtractBatchOpt,
     limit: Optional[int] = LimitOpt,
     cache: Optional[Path] = CacheOpt,
     force: bool = typer.Option(False, "--force", help="Redo complete splits; replace a cache made otherwise."),
-    layers: Optional[str] = typer.Option(None, help="Also store the CLS token after these blocks: 1,6,12 or all."),
+    layers: Optional[str] = typer.Option(None, help="Also store the feature after these blocks (stages for conv nets): "
+                                  "1,6,12 or all."),
     tta: str = typer.Option(TTA[0], help="none, or flip: also embed the mirrored faces."),
     strict: bool = typer.Option(False, "--strict", help="An unreadable image is an error, not a warning."),
+    revision: Optional[str] = RevisionOpt,
+    file_locking: bool = LockingOpt,
+    tokens: Optional[int] = typer.Option(None, help="Also store the token sequence entering block K+1 (float16), "
+                                         "for `finetune --blocks <depth - K>`; ViT-B/32: 2.8 GB for all of FER2013."),
 ) -> None:
     """Stage one: encode FER2013 with a frozen vision model, once, into an HDF5 cache.
 
     Under `torchrun --nproc-per-node N -m fercache extract ...` each rank encodes a shard.
     """
-    from fercache.distributed import RankFailed, barrier, torchrun_group
     from fercache.extract import extract as run_extract
 
-    with torchrun_group(device) as (device, rank), _resumable():
-        try:
-            summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
-                                    force, layers, tta, strict)
-        except RankFailed as exc:  # raised on every rank: rank 0 says it once, the others wait till it has
-            if rank == 0:
-                typer.echo(f"fercache: error: {exc}", err=True)
-            if not exc.crashed:  # (a crashed rank is gone already, its traceback said it)
-                barrier()  # torchrun stops all ranks when the first one exits
-            raise typer.Exit(2) from None
+    with _stage_one(device, file_locking) as (device, rank):
+        summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
+                                force, layers, tta, strict, revision=revision, tokens=tokens)
     if rank == 0:
         for summary in summaries:
             typer.echo(str(summary))
@@ -177,19 +234,77 @@ def fit(
     seed: int = typer.Option(0, help="Seeds initialisation, shuffling and logreg's validation split."),
     standardize: bool = typer.Option(True, "--standardize/--no-standardize",
                                      help="Scale features to zero mean, unit variance on train (kept in the head)."),
-    layer: Optional[int] = typer.Option(None, help="Train on the CLS after block K (needs extract --layers)."),
+    layer: Optional[int] = typer.Option(None, help="Train on the feature after block K (needs extract --layers)."),
     views: str = ViewsOpt,
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
+    val: str = ValOpt,
+    class_weight: str = ClassWeightOpt,
+    shots: Optional[int] = typer.Option(None, help="Few-shot: fit on K training faces per class only."),
+    repeats: int = typer.Option(1, help="With --shots: this many draws of K faces; mean and sd are reported."),
 ) -> None:
     """Stage two: fit a linear head on the cached train features, report on test, save the head."""
     from fercache.fit import fit as run_fit
 
-    _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out))
+    _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out,
+                      val=val, class_weight=class_weight, shots=shots, repeats=repeats))
+
+
+@app.command()
+def finetune(
+    cache: Optional[Path] = typer.Option(None, help="Cache with tokens (extract --tokens K) of train and test "
+                                         "[default: the default model's cache]."),
+    blocks: Optional[str] = typer.Option(None, help="Top blocks to tune, or all [default: from a cache, every "
+                                         "block above its tokens; from images, 2]."),
+    from_images: bool = typer.Option(False, "--from-images", help="Feed the faces through the frozen lower blocks "
+                                     "every epoch, augmented on the device (for GPUs), instead of cached tokens."),
+    data: Optional[Path] = DataOpt,
+    model: Optional[str] = typer.Option(None, help=f"With --from-images: the model [default: {DEFAULT_MODEL}]."),
+    preprocess: str = PreprocessOpt,
+    revision: Optional[str] = RevisionOpt,
+    limit: Optional[int] = LimitOpt,
+    epochs: int = typer.Option(10, help="Most epochs (early stopping may end sooner)."),
+    lr: float = typer.Option(1e-4, help="AdamW's peak learning rate (head and final norm; blocks below get less)."),
+    batch_size: int = typer.Option(64, help="Faces per step."),
+    weight_decay: float = typer.Option(0.05, help="AdamW's decoupled weight decay (matrices only)."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing of the training loss."),
+    layer_decay: float = typer.Option(0.75, help="Layer-wise lr decay: block j below the top learns at lr x decay^j."),
+    warmup: float = typer.Option(0.1, help="Share of the steps with linear warm-up (then cosine decay)."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without a better validation score."),
+    val: str = typer.Option("train", help="train: choose on a stratified 10% of train; public_test: choose on "
+                            "PublicTest, report on PrivateTest (the challenge's protocol). Never on test."),
+    seed: int = typer.Option(0, help="Seeds the head, the validation part, shuffling and augmentation."),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("auto", help="auto (bfloat16 autocast where native, else float32), float32, bfloat16."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="With --from-images: random resized crop, "
+                                 "flip and small rotation."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-finetune-top<N>]."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the run folder's checkpoint instead of resuming."),
+) -> None:
+    """Stage three: tune the top blocks, the final norm and a linear head; report like fit, save the weights.
+
+    An interrupted run resumes from its last epoch's checkpoint when the same command is run again.
+    """
+    from fercache.finetune import finetune as run_finetune
+
+    try:
+        result = run_finetune(cache, blocks, from_images=from_images, data=data, model=model, preprocess=preprocess,
+                              revision=revision, limit=limit, epochs=epochs, lr=lr, batch_size=batch_size,
+                              weight_decay=weight_decay, label_smoothing=label_smoothing, layer_decay=layer_decay,
+                              warmup=warmup, patience=patience, val=val, seed=seed, device=device, dtype=dtype,
+                              augment=augment, out=out, restart=restart)
+    except KeyboardInterrupt:
+        typer.echo("\nfercache: interrupted; finished epochs are kept: the same command again goes on from the last",
+                   err=True)
+        raise typer.Exit(130) from None
+    _echo_fit(result)
+    m = result.metrics
+    typer.echo(f"chosen at epoch {m['best_epoch']} on {'a part of train' if m['val'] == 'train' else 'PublicTest'} "
+               f"({m['val_count']:,} faces); test is {m['test_split']}")
 
 
 @app.command()
 def evaluate(
-    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    head: Path = typer.Option(..., help="A run folder of `fercache fit` (a head) or `fercache finetune` (tuned blocks)."),
     cache: Optional[Path] = DefaultCacheOpt,
     split: str = SplitOpt,
     out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
@@ -202,10 +317,15 @@ def evaluate(
     report = run_evaluate(cache, head, split, out)
     if as_json:
         return _emit(report)
-    parts = "".join(f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in report.items()
-                    if k.endswith("_accuracy"))
-    typer.echo(f"{split}: accuracy {report['accuracy']:.4f}{parts}, macro-F1 {report['macro_f1']:.4f} "
-               f"on {report['count']:,} faces")
+    def figure(key: str) -> str:
+        low, high = report.get(f"{key}_low"), report.get(f"{key}_high")
+        return f"{report[key]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+
+    parts = "".join(f", {k.removesuffix('_accuracy')} {figure(k)}" for k in report
+                    if k.endswith("_test_accuracy"))
+    typer.echo(f"{split} ({report['count']:,} faces, 95% bootstrap intervals): accuracy {figure('accuracy')}{parts}, "
+               f"macro-F1 {figure('macro_f1')}, balanced accuracy {figure('balanced_accuracy')}"
+               + (f", ECE {report['calibration']['ece']:.4f}" if "calibration" in report else ""))
     keys = ["precision", "recall", "f1", "support"]
     typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
 
@@ -213,7 +333,7 @@ def evaluate(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files of any size, gray or colour."),
-    head: Path = typer.Option(..., help="A head folder (a `fercache fit` run folder)."),
+    head: Path = typer.Option(..., help="A run folder of `fercache fit` (a head) or `fercache finetune` (tuned blocks)."),
     device: str = DeviceOpt,
     detect_face: bool = typer.Option(False, "--detect-face", help="Crop the largest face (OpenCV Haar cascade) first."),
     as_json: bool = JsonOpt,
@@ -236,6 +356,9 @@ def probe(
     out: Optional[Path] = typer.Option(None, help="Folder for probe.json and probe.png [default: runs/<cache-stem>-probe]."),
     method: str = MethodOpt,
     views: str = ViewsOpt,
+    val: str = ValOpt,
+    class_weight: str = ClassWeightOpt,
+    seed: int = typer.Option(0, help="Seeds the heads and the validation part of train."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit a head per stored layer (and the pooled feature): which block knows most about expression."""
@@ -243,13 +366,15 @@ def probe(
     from fercache.probe import probe_table
     from fercache.report import format_table
 
-    result = run_probe(cache, out, method, views)
+    result = run_probe(cache, out, method, views, seed, val=val, class_weight=class_weight)
     if as_json:
         return _emit(result)
-    typer.echo(f"{result['model']}: {method} probe on {result['train_count']:,} train, "
-               f"{result['test_count']:,} test faces ({views} view)")
+    typer.echo(f"{result['model']}: {method} probe fitted on {result['train_count']:,} train faces, chosen on "
+               f"{result['val_count']:,} {result['val_split']} faces, tested on {result['test_count']:,} "
+               f"{result['test_split']} faces ({views} view)")
     typer.echo(format_table(*probe_table(result)))
-    typer.echo(f"best: layer {result['best_layer']}; wrote {result['files']['json']} and {result['files']['plot']}")
+    typer.echo(f"best on validation: layer {result['best_layer']}; wrote {result['files']['json']} and "
+               f"{result['files']['plot']}")
 
 
 @app.command()
@@ -261,12 +386,13 @@ def zeroshot(
     device: str = DeviceOpt,
     batch_size: int = EncodeBatchOpt,
     as_json: bool = JsonOpt,
+    revision: Optional[str] = RevisionOpt,
 ) -> None:
     """CLIP's zero-shot guess from text prompts alone: the baseline a linear probe must beat."""
     from fercache.report import format_table
     from fercache.zeroshot import zeroshot as run_zeroshot
 
-    summary = run_zeroshot(data, split, limit, model, device, batch_size).summary()
+    summary = run_zeroshot(data, split, limit, model, device, batch_size, revision=revision).summary()
     if as_json:
         return _emit(summary)
     typer.echo(f"{model} zero-shot on {summary['count']:,} {split} faces ({len(summary['templates'])} prompts "
@@ -277,7 +403,7 @@ def zeroshot(
 @app.command()
 def compare(runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/*) holding metrics.json."),
             as_json: bool = JsonOpt) -> None:
-    """One table across runs: model, preprocessing, method, views, layer, test accuracy, macro-F1."""
+    """One table across runs: test accuracy with its interval, macro-F1, McNemar p-value against the best."""
     from fercache.probe import compare as run_compare
     from fercache.probe import compare_table
     from fercache.report import format_table

@@ -22,8 +22,11 @@ import os
 import re
 import threading
 import zipfile
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import cv2
@@ -39,6 +42,7 @@ WHERE_TO_GET = (
     "get FER2013 from Kaggle (msambare/fer2013, the image zip; or the original fer2013.csv) "
     "and put it in ./data (data/fer2013.zip, data/fer2013/, data/fer2013.csv) or pass --data PATH"
 )
+DECODE_THREADS = 16  # enough to outrun a GPU's encoder; more only hold more chunks in memory
 _MEMBER = re.compile(r"^(?P<root>(?:.*/)?)(?P<top>train|test)/(?P<cls>[^/]+)/(?P<name>[^/]+)$", re.I)
 
 
@@ -115,23 +119,14 @@ class Source:
     def load(self, split: str, strict: bool = False, limit: int | None = None) -> FERImages:
         """Decode one split (its first `limit` images, if given) to uint8 48x48 arrays."""
         entries = self.select(split)[:limit]
-        if self.format.endswith(".csv"):
-            decoded = [_csv_row(self._csv_pixels[e.ref], self.path, e.id) for e in entries]
-        else:
-            decoded = _decode_files(self.path, self.format, entries)
-        for e, d in zip(entries, decoded):
-            if isinstance(d, str):
-                if strict:
-                    raise UserError(f"{self.path}: {e.id}: unreadable image ({d})")
-                warn(f"{self.path}: skipped unreadable image {e.id} ({d})")
-        converted = sum(1 for d in decoded if isinstance(d, tuple) and d[1])
-        if converted:
-            warn(f"{self.path}: {converted} image(s) were not 48x48 gray and were converted")
-        keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        keep, pixels = [], []
+        for positions, chunk in self.stream(entries, strict):
+            keep += positions
+            pixels.append(chunk)
         if not keep:
             raise UserError(f"{self.path}: none of the {len(entries)} images in split '{split}' could be read")
         return FERImages(
-            pixels=np.stack([decoded[i][0] for i in keep]),
+            pixels=np.concatenate(pixels),
             labels=np.array([entries[i].label for i in keep], dtype=np.int64),
             ids=[entries[i].id for i in keep],
             usage=[entries[i].usage for i in keep],
@@ -139,6 +134,53 @@ class Source:
             format=self.format,
             split=split,
         )
+
+    def stream(self, entries: list[Entry], strict: bool = False,
+               chunk: int = 256) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Decode `entries` chunk by chunk, in order: (the positions in `entries` of the images that
+        decoded, their uint8 N x 48 x 48 pixels).
+
+        A thread pool decodes up to two chunks per core ahead of the caller, so decoding overlaps
+        whatever the caller does with the chunks it has (encoding them), in bounded memory. An
+        unreadable image is skipped with a warning that names it (`strict`: an error); images that
+        were not 48x48 gray are counted in one warning at the end.
+        """
+        decode = _decoder(self)
+
+        def task(start: int) -> tuple[int, list]:
+            return start, [decode(e) for e in entries[start:start + chunk]]
+
+        starts = iter(range(0, len(entries), chunk))
+        workers = min(DECODE_THREADS, rank_cores())
+        pool = ThreadPoolExecutor(workers)
+        converted = 0
+        try:
+            ahead = deque(pool.submit(task, s) for s in islice(starts, 2 * workers))
+            while ahead:
+                start, decoded = ahead.popleft().result()
+                ahead.extend(pool.submit(task, s) for s in islice(starts, 1))
+                keep = []
+                for i, d in enumerate(decoded, start):
+                    if isinstance(d, str):
+                        if strict:
+                            raise UserError(f"{self.path}: {entries[i].id}: unreadable image ({d})")
+                        warn(f"{self.path}: skipped unreadable image {entries[i].id} ({d})")
+                    else:
+                        keep.append(i)
+                        converted += d[1]
+                if keep:
+                    yield keep, np.stack([decoded[i - start][0] for i in keep])
+        finally:
+            pool.shutdown(cancel_futures=True)
+        if converted:
+            warn(f"{self.path}: {converted} image(s) were not 48x48 gray and were converted")
+
+
+def rank_cores() -> int:
+    """The cores this process may use (its CPU affinity: SLURM's cgroup, taskset), shared among the
+    ranks torchrun started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def to_gray48(image: Image.Image) -> tuple[np.ndarray, bool]:
@@ -259,28 +301,30 @@ def _index_zip(path: Path) -> Source:
     return Source(path, "zip", _entries_from_paths(names, path))
 
 
-def _decode_files(path: Path, fmt: str, entries: list[Entry]):
-    """Decode images in threads; each result is (array, converted) or an error string."""
+def _decoder(source: Source) -> Callable[[Entry], tuple[np.ndarray, bool] | str]:
+    """Decodes one entry of `source` in any thread: (array, converted), or why it is unreadable.
+
+    A bad CSV row is a `UserError` that names its line; a bad image file is returned as a reason,
+    for the caller to skip or refuse (`--strict`). Each thread opens the zip once.
+    """
+    if source.format.endswith(".csv"):
+        return lambda e: _csv_row(source._csv_pixels[e.ref], source.path, e.id)
     local = threading.local()
 
     def read(e: Entry) -> bytes:
-        if fmt == "folder":
+        if source.format == "folder":
             return Path(e.ref).read_bytes()
         if not hasattr(local, "zip"):
-            local.zip = zipfile.ZipFile(path)
+            local.zip = zipfile.ZipFile(source.path)
         return local.zip.read(e.ref)
 
-    def one(e: Entry):
+    def one(e: Entry) -> tuple[np.ndarray, bool] | str:
         try:
             return decode_image(read(e))
         except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
             return str(exc) or type(exc).__name__
 
-    workers = os.cpu_count() or 1
-    step = -(-len(entries) // workers)  # contiguous chunks: one task per thread, not per image
-    with ThreadPoolExecutor(workers) as pool:
-        chunks = pool.map(lambda i: [one(e) for e in entries[i:i + step]], range(0, len(entries), step))
-        return [d for chunk in chunks for d in chunk]
+    return one
 
 
 def _index_csv(path: Path) -> Source:

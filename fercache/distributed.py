@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fercache.data import rank_cores
 from fercache.encoder import pick_device
 from fercache.errors import UserError
 
@@ -51,7 +52,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-CONTROL_TIMEOUT = timedelta(hours=24)  # how long a collective waits for the slowest rank's serial step
+# How long a collective waits for the slowest rank's serial step (a dead process is noticed at
+# once; a machine that vanishes whole is waited for this long): FERCACHE_DIST_TIMEOUT seconds.
+CONTROL_TIMEOUT = timedelta(seconds=float(os.environ.get("FERCACHE_DIST_TIMEOUT", 24 * 3600)))
 _control: list[Any] = []  # [the default group, the gloo group fercache's collectives use with it]
 
 
@@ -59,7 +62,7 @@ def control_group() -> Any:
     """The group fercache's own collectives use: gloo, on the CPU, with `CONTROL_TIMEOUT`.
 
     The default group when `torchrun_group` made it; inside a group of the caller's own (NCCL,
-    or a short timeout) a gloo group over the same ranks, made once at the first collective.
+    or a short timeout) a gloo group over the same ranks, made once, as the first `step` begins.
     """
     world = dist.group.WORLD
     if not _control or _control[0] is not world:  # a new default group: the old one's subgroup went with it
@@ -82,7 +85,7 @@ def rank_device(device: str = "auto") -> str:
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
         visible, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
-        if visible > 1 and local >= visible:
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > visible or (visible > 1 and local >= visible):
             raise UserError(f"local rank {local} has no GPU of its own ({visible} visible): start at most one "
                             "rank per GPU (--nproc-per-node), or show each rank only its own GPU")
         dev = torch.device("cuda", local if visible > 1 else 0)
@@ -97,8 +100,7 @@ def cpu_threads() -> int:
     """
     if os.environ.get("OMP_NUM_THREADS", "1") != "1":
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return rank_cores()
 
 
 @contextmanager
@@ -144,6 +146,7 @@ def step() -> Iterator[None]:
     if world == 1:
         yield
         return
+    control_group()  # made before the work: making it is itself a collective under the caller's timeout
     error: Exception | None = None
     try:
         yield

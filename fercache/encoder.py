@@ -1,11 +1,11 @@
 """Stage one's model: a frozen vision encoder that maps 48x48 faces to feature vectors.
 
-Any Hugging Face CLIP-family vision tower loads through the same path (hub id or local folder,
-honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE; never `trust_remote_code`). The feature is the
-model's `pooler_output` (for CLIP the post-layernorm CLS token, what CLIP's paper probes); with
-`layers`, the CLS token after chosen blocks, normalised the way the pooled output is (SigLIP has
-no CLS token: there, the mean of its layer-normed tokens). `pixels` is
-a floor for every table: the raw 48x48 pixels as a 2,304-d vector, no network at all.
+Any Hugging Face vision backbone with a pooled output loads through the same path (hub id or
+local folder, honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE; never `trust_remote_code`), at
+one exact checkpoint (`fercache.checkpoint`: a hub commit or a folder's weight fingerprint). What
+its features are, per family (CLIP, SigLIP, DINOv2, ViT, ConvNeXt, ResNet, EfficientNet), is
+`fercache.families`' business. `pixels` is a floor for every table: the raw 48x48 pixels as a
+2,304-d vector, no network at all.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fercache.checkpoint import resolve
 from fercache.errors import UserError, first_line
+from fercache.families import (FAMILIES, Family, family_of, feature_dims, features, layer_count, model_class,
+                                vision_config)
 from fercache.identity import Identity
 from fercache.names import DEFAULT_MODEL, DTYPES, PIXELS, PREPROCESS, SIZE, choice, feature_name
 from fercache.preprocess import Preprocessor, recipe_for
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 matmul instructions (Linux /proc/cpuinfo)
+TOKENS = "tokens"  # `_features`' key for the token sequence entering block `tokens` + 1
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -83,46 +87,70 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 @dataclass
 class Encoder:
-    """A loaded, frozen encoder: `encode(pixels, views)` returns {feature name: float32 array}."""
+    """A loaded, frozen encoder: `encode(pixels, views)` returns {feature name: array}: float32, tokens float16."""
 
     identity: Identity  # what a cache records of it (`source` empty: the encoder knows no data)
-    dim: int
+    dims: dict[int | None, int]  # size of each feature: None the pooled one, k after block or stage k
     model: torch.nn.Module | None = None  # None: the `pixels` baseline (or configs only)
     prep: Preprocessor | None = None
+    family: Family | None = None  # None: a vision model of no known family (pooled feature only)
+    config: object = None  # the vision tower's config (where stage k's blocks end, ...)
 
     @property
     def layers(self) -> tuple[int, ...]:
         return self.identity.layers
 
+    @property
+    def dim(self) -> int:
+        """The pooled feature's size."""
+        return self.dims[None]
+
     def encode(self, pixels: np.ndarray, views: tuple[str, ...] = ("plain",)) -> dict[str, np.ndarray]:
         """Every feature of these faces (`views`: plain, and flip for the mirrored faces), named as stored."""
+        return {name: f.cpu().numpy() for name, f in self.tensors(pixels, views).items()}
+
+    def tensors(self, pixels: np.ndarray | torch.Tensor, views: tuple[str, ...] = ("plain",)) -> dict[str, torch.Tensor]:
+        """`encode`'s features as tensors on the model's device, not yet copied to the host.
+
+        On a GPU the work is only queued: nothing waits for it (`pixels` may be a tensor already on
+        the device, sent there asynchronously from pinned memory).
+        """
         out = {}
         for view in views:
-            faces = pixels if view == "plain" else np.ascontiguousarray(pixels[:, :, ::-1])
-            out.update({feature_name(layer, view): f for layer, f in self._features(faces).items()})
+            faces = pixels if view == "plain" else (
+                pixels.flip(-1) if isinstance(pixels, torch.Tensor) else np.ascontiguousarray(pixels[:, :, ::-1]))
+            feats = self._features(faces, tokens=view == "plain")  # tokens of the plain faces only
+            out.update({feature_name(None, view, tokens=True) if layer == TOKENS else feature_name(layer, view): f
+                        for layer, f in feats.items()})
         return out
 
+    def token_shape(self) -> tuple[int, ...]:
+        """(T, D) of the stored token sequence (`tokens` set): one face through the lower blocks."""
+        return tuple(self._features(np.zeros((1, SIZE, SIZE), np.uint8))[TOKENS].shape[1:])
+
     @torch.inference_mode()
-    def _features(self, pixels: np.ndarray) -> dict[int | None, np.ndarray]:
-        """{None: pooled feature, k: feature after block k} of one batch of faces."""
+    def _features(self, pixels: np.ndarray | torch.Tensor, tokens: bool = True) -> dict[int | str | None, torch.Tensor]:
+        """{None: pooled feature, k: feature after block k, `TOKENS`: hidden_states[tokens]} of one batch."""
         if self.model is None:  # the `pixels` baseline
-            return {None: pixels.reshape(len(pixels), -1).astype(np.float32) / 255}
-        out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers))
-        feats = {None: out.pooler_output}
-        if self.layers:
-            tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
-            norm = getattr(tower, "post_layernorm", None) or torch.nn.Identity()
-            has_cls = hasattr(tower.embeddings, "class_embedding")  # SigLIP has none: pool its tokens
-            for k in self.layers:
-                h = out.hidden_states[k]
-                feats[k] = norm(h[:, 0]) if has_cls else norm(h).mean(1)
-        return {layer: f.float().cpu().numpy() for layer, f in feats.items()}
+            flat = torch.as_tensor(pixels).reshape(len(pixels), -1)
+            return {None: flat.float() / 255}
+        keep = self.identity.tokens if tokens else None
+        out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers) or keep is not None)
+        feats = features(self.family, self.model, out, self.config, self.layers)
+        feats = {layer: f.float() for layer, f in feats.items()}
+        if keep is not None:  # the token sequence entering block keep + 1, for stage three, as stored:
+            feats[TOKENS] = out.hidden_states[keep].half()  # float16 made on the device, half the bytes to copy
+        return feats
 
 
 def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: str = "auto",
-                 dtype: str = "auto", layers: str | None = None, weights: bool = True) -> Encoder:
-    """Load an encoder by hub id or local folder.
+                 dtype: str = "auto", layers: str | None = None, weights: bool = True, tokens: int | None = None,
+                 revision: str | None = None, fingerprint: str = "") -> Encoder:
+    """Load an encoder by hub id or local folder, at one exact checkpoint.
 
+    `revision` (a branch, tag or commit; default `main`) is resolved to the commit hash that is
+    loaded and recorded. A head or cache loads its encoder again with the `revision` it recorded,
+    and a local folder's `fingerprint` (the sha256 of its weight files) must still match.
     With `weights=False` only the model's config is read: enough for the identity that decides
     whether a cache already holds what is asked, in about a second. `image_size`, which needs the
     image processor (slow to import), is filled in when the weights load.
@@ -131,39 +159,60 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     if model == PIXELS:
         if layers:
             raise UserError("--layers needs a neural encoder; the pixels baseline has none")
-        return Encoder(Identity(PIXELS, "none", "pixels", "float32", image_size=SIZE), SIZE * SIZE)
+        if revision or tokens is not None:
+            raise UserError(f"{'--revision' if revision else '--tokens'} needs a neural encoder; the pixels baseline "
+                            "has none")
+        return Encoder(Identity(PIXELS, "none", "pixels", "float32", image_size=SIZE), {None: SIZE * SIZE})
     choice(preprocess, PREPROCESS, "preprocessing")
+    checkpoint = resolve(model, revision, fingerprint)
+    pin = checkpoint.load_kwargs
 
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **pin)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{model}': {first_line(exc)}") from None
-    vision = getattr(config, "vision_config", config)
-    if type(vision) not in MODEL_MAPPING:
-        raise UserError(f"model '{model}' ({config.model_type}) has no vision tower fercache can load")
+    cls, family, vision = model_class(model, config), family_of(config), vision_config(config)
+    n_layers = layer_count(config)
+    if layers and n_layers is None:
+        known = ", ".join(f.name for f in FAMILIES.values())
+        raise UserError(f"--layers: model '{model}' ({config.model_type}) is of no family whose layers fercache "
+                        f"reads ({known}); its pooled feature works")
+    if tokens is not None and (family is None or family.kind == "stage"):
+        raise UserError(f"--tokens: model '{model}' ({config.model_type}) has no token sequence to store; "
+                        "stage three tunes ViT-like towers (CLIP, SigLIP, DINOv2, ViT)")
+    if tokens is not None and not 0 <= tokens < n_layers:
+        raise UserError(f"--tokens {tokens}: model '{model}' has blocks 1 to {n_layers}; tokens 0 to {n_layers - 1} "
+                        "(--tokens K stores what enters block K+1)")
     torch_dtype = pick_dtype(dtype, dev)
-    layer_ids = parse_layers(layers, vision.num_hidden_layers)
-    identity = Identity(model, preprocess, "pooler_output", str(torch_dtype).removeprefix("torch."),
-                        revision=getattr(config, "_commit_hash", None) or "", layers=tuple(layer_ids))
-    enc = Encoder(identity, getattr(vision, "hidden_size"))
+    layer_ids = tuple(parse_layers(layers, n_layers or 0))
+    identity = Identity(model, preprocess, family.feature if family else "pooler_output",
+                        str(torch_dtype).removeprefix("torch."), revision=checkpoint.revision,
+                        weights=checkpoint.weights, layers=layer_ids, tokens=tokens)
+    enc = Encoder(identity, feature_dims(model, config, layer_ids), family=family, config=vision)
     if weights:
         processor = None
         if preprocess == "clip":
             from transformers import AutoImageProcessor
 
             try:
-                processor = AutoImageProcessor.from_pretrained(model)
+                processor = AutoImageProcessor.from_pretrained(model, **pin)
             except (OSError, ValueError) as exc:
                 raise UserError(f"model '{model}' has no usable image processor config ({first_line(exc)}); "
                                 "try --preprocess seed") from None
-        recipe = recipe_for(preprocess, processor, vision.image_size)
+        recipe = recipe_for(preprocess, processor, getattr(vision, "image_size", None) or 224)
         enc.identity = replace(identity, image_size=recipe.crop)
-        cls = MODEL_MAPPING[type(vision)]
         # Weights cast to the compute dtype: measurably faster than autocast on CPU and GPU.
-        net = cls.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa")
+        attn = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}  # conv nets: none
+        try:
+            net, info = cls.from_pretrained(model, dtype=torch_dtype, output_loading_info=True, **attn, **pin,
+                                            **(family.load if family else {}))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the weights of model '{model}': {first_line(exc)}") from None
+        if info["missing_keys"]:  # newly initialised: random numbers, not the model's features
+            raise UserError(f"model '{model}' lacks {len(info['missing_keys'])} of {cls.__name__}'s weights "
+                            f"(first: {sorted(info['missing_keys'])[0]}); they would be random numbers")
         enc.model = net.to(dev).eval().requires_grad_(False)
         enc.prep = Preprocessor(recipe, dev, torch_dtype)
     return enc

@@ -1,9 +1,8 @@
 """Stage two's model: a linear softmax head on cached features, fitted two ways, stored safely.
 
 Both recipes end in the same form, softmax(((X - mean) / std) @ W.T + b): `fit_linear` is the
-reference recipe (nn.Linear, Adam, cross-entropy, shuffled minibatches), `fit_logreg` is
-scikit-learn's L2-regularised logistic regression with C chosen on a held-out part of train. So one
-`Head` serves both, and it is saved as safetensors + JSON: loading a head never runs code.
+reference recipe (nn.Linear, Adam, cross-entropy, shuffled minibatches), `logreg.fit_logreg` is
+L2-regularised logistic regression with C chosen on validation rows. So one `Head` serves both, and it is saved as safetensors + JSON: loading a head never runs code.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ import numpy as np
 
 from fercache.errors import UserError
 from fercache.identity import HEAD, Identity
-from fercache.names import CLASSES
+from fercache.names import CLASS_WEIGHTS, CLASSES, choice
 
 WEIGHTS, CONFIG = "head.safetensors", "head.json"
+ABSENT = -1e4  # the bias of a class without training rows: its probability underflows to 0, its loss stays finite
 FORMAT_VERSION = 2  # 1: fercache 0.1.0, the same keys without `model_weights`, `image_size`, `format_version`
-C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))  # half-decade steps
-VAL_FRACTION = 0.2
 
 
 @dataclass
@@ -43,6 +41,16 @@ class Head:
     @property
     def dim(self) -> int:
         return int(self.weight.shape[1])
+
+    def without_absent(self, y: np.ndarray) -> Head:
+        """Classes with no training row are never predicted: their row is zero, their bias `ABSENT`.
+
+        Training only pushes such a class's logit down, not out of reach (with --limit or few-shot
+        data a far-off face could still land on it); the head keeps 7 rows either way.
+        """
+        absent = np.bincount(np.asarray(y, dtype=np.int64), minlength=len(self.bias)) == 0
+        self.weight[absent], self.bias[absent] = 0.0, ABSENT
+        return self
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         if X.ndim != 2 or X.shape[1] != self.dim:
@@ -111,14 +119,25 @@ def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
+def class_weights(y: np.ndarray, class_weight: str = "none") -> np.ndarray:
+    """One weight per class of `CLASSES`: ones, or scikit-learn's "balanced", n / (classes present x rows
+    of the class), so that every class present weighs the same in the loss (absent classes get 0)."""
+    choice(class_weight, CLASS_WEIGHTS, "class weight")
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=len(CLASSES)).astype(np.float64)
+    if class_weight == "none":
+        return np.ones(len(CLASSES))
+    return np.divide(len(y), (counts > 0).sum() * counts, out=np.zeros_like(counts), where=counts > 0)
+
+
 def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
                *, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, weight_decay: float = 0.0,
-               seed: int = 0, standardize: bool = True) -> tuple[Head, list[dict]]:
+               seed: int = 0, standardize: bool = True, class_weight: str = "none") -> tuple[Head, list[dict]]:
     """The reference recipe: `nn.Linear`, `torch.optim.Adam`, cross-entropy on shuffled minibatches.
 
     Returns the head and one history row per epoch: train loss and accuracy averaged over the
     epoch's minibatches (as the reference recipe reports them) and, when a test set is given, test
     loss and accuracy of the whole set after the epoch. Any float arrays; same seed, same numbers.
+    `class_weight="balanced"` weighs the cross-entropy by `class_weights` (the reported losses too).
     The loop indexes tensors already in memory (no DataLoader) on one thread: for a D x 7 layer,
     thread hand-offs cost more than they save.
     """
@@ -131,6 +150,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
     mean, std = moments(X, standardize)
     features = torch.from_numpy((X - mean) / std)
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    weight = None if class_weight == "none" else torch.from_numpy(class_weights(y, class_weight)).float()
     if X_test is not None:
         X_test = torch.from_numpy((np.asarray(X_test, dtype=np.float32) - mean) / std)
         y_test = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
@@ -147,7 +167,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
             loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
             for batch in torch.randperm(len(labels), generator=gen).split(batch_size):
                 logits = model(features[batch])
-                loss = F.cross_entropy(logits, labels[batch])
+                loss = F.cross_entropy(logits, labels[batch], weight=weight)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -158,49 +178,10 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
             if X_test is not None:
                 with torch.no_grad():
                     z = model(X_test)
-                row.update(test_loss=F.cross_entropy(z, y_test).item(), test_acc=(z.argmax(1) == y_test).float().mean().item())
+                row.update(test_loss=F.cross_entropy(z, y_test, weight=weight).item(), test_acc=(z.argmax(1) == y_test).float().mean().item())
             history.append(row)
     finally:
         torch.set_num_threads(threads)
     head = Head(model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy(), mean, std, "linear",
                 standardize)
-    return head, history
-
-
-def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool = True) -> tuple[Head, dict]:
-    """scikit-learn's logistic regression (lbfgs), C chosen on a held-out part of train, never on test.
-
-    A stratified 20% of train (fixed by `seed`) scores a half-decade grid of C, walked upwards with
-    warm starts: each fit starts from the previous solution, and the walk stops once validation
-    accuracy has not improved for three steps (weaker regularisation only costs more iterations
-    from there). On a few cores this is several times faster than independent fits in parallel.
-    The best C (by accuracy, then loss) is refitted on all of train from its solution. Returns the
-    head and the search: `{"C", "val_fraction", "validation": [{"C", "val_loss", "val_acc",
-    "n_iter"}], "n_iter"}`.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    mean, std = moments(X, standardize)
-    Xs = ((X - mean) / std).astype(np.float64)  # lbfgs works in float64: convert once, not per fit
-    X_fit, X_val, y_fit, y_val = train_test_split(Xs, y, test_size=VAL_FRACTION, stratify=y, random_state=seed)
-    unit = moments(X_val, False)  # X_val is standardised already
-    model = LogisticRegression(solver="lbfgs", max_iter=500, tol=1e-4, warm_start=True, random_state=seed)
-    curve, best, stale = [], None, 0
-    for C in C_GRID:
-        model.set_params(C=C).fit(X_fit, y_fit)
-        loss, acc = _as_head(model, *unit, standardize).score(X_val, y_val)
-        curve.append({"C": C, "val_loss": loss, "val_acc": acc, "n_iter": int(model.n_iter_.max())})
-        if best is None or (acc, -loss) > (best[0]["val_acc"], -best[0]["val_loss"]):
-            best, stale = (curve[-1], model.coef_.copy(), model.intercept_.copy()), 0
-        elif (stale := stale + 1) == 3:
-            break
-    model.set_params(C=best[0]["C"])
-    model.coef_, model.intercept_ = best[1], best[2]
-    model.fit(Xs, y)
-    search = {"C": best[0]["C"], "val_fraction": VAL_FRACTION, "validation": curve, "n_iter": int(model.n_iter_.max())}
-    return _as_head(model, mean, std, standardize), search
-
-
-def _as_head(model, mean: np.ndarray, std: np.ndarray, standardize: bool) -> Head:
-    return Head(model.coef_.astype(np.float32), model.intercept_.astype(np.float32), mean, std, "logreg", standardize)
+    return head.without_absent(labels.numpy()), history

@@ -24,7 +24,8 @@ ATTRS = {"model": "model", "revision": "model_revision", "weights": "model_weigh
 ENCODER = ("model", "revision", "weights", "preprocess", "feature", "image_size")  # what a head needs
 CACHE = ENCODER + ("dtype", "layers", "tokens", "views", "source")  # what rows in one file share
 HEAD = ENCODER + ("dtype",)  # what head.json records (dtype: the one `predict` encodes in)
-OPTIONAL = ("revision", "weights", "image_size", "tokens")  # compared only where both sides know them
+OPTIONAL = ("revision", "weights", "image_size")  # compared only where both sides know them
+# (`tokens` None is known: no tokens stored, as in every file older than stage three)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Identity:
         out = []
         for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
+            if key == "model" and self.weights and other.weights:
+                continue  # local folders: the weights' fingerprint says which model, under any path
             if key in OPTIONAL and (mine in ("", None) or theirs in ("", None)):
                 continue
             if mine != theirs:

@@ -24,7 +24,10 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 TTA: tuple[str, ...] = ("none", "flip")
 VIEWS: tuple[str, ...] = ("plain", "flip", "mean")  # mean: plain and flip averaged, never stored
 METHODS: tuple[str, ...] = ("linear", "logreg")
+CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")  # balanced: n / (classes x rows of the class), as scikit-learn
+VALS: tuple[str, ...] = ("train", "public_test")  # what chooses C / the layer: part of train, or PublicTest
 POOLED = "pooled"  # how tables name the `embeddings` feature beside per-layer ones
+TUNED_CONFIG = "tuned.json"  # marks a `finetune` run folder (beside tuned.safetensors)
 
 
 def data_dir() -> Path:
@@ -40,11 +43,13 @@ def model_slug(model: str) -> str:
 
 
 def default_cache(model: str = DEFAULT_MODEL, preprocess: str = "clip", layers: list[int] | tuple[int, ...] = (),
-                  tta: str = "none") -> Path:
-    """`<data>/cache/<model-slug>__<preprocess>[__layers-…][__flip].h5`: what `extract` writes, `fit` reads."""
+                  tta: str = "none", tokens: int | None = None) -> Path:
+    """`<data>/cache/<model-slug>__<preprocess>[__layers-…][__tokens-K][__flip].h5`: what `extract` writes, `fit` reads."""
     name = f"{model_slug(model)}__{preprocess}"
     if layers:
         name += "__layers-" + "-".join(map(str, layers))
+    if tokens is not None:
+        name += f"__tokens-{tokens}"
     if tta != "none":
         name += f"__{tta}"
     return data_dir() / "cache" / f"{name}.h5"

@@ -2,19 +2,21 @@
 
 The face goes through the very code the dataset readers use (48x48 gray, centre crop, bicubic),
 optionally after OpenCV's face detector, then through stage one's encoder with the head's model,
-preprocessing, dtype, layer and view.
+preprocessing, dtype, layer and view. A `finetune` run's faces go through its base model with the
+tuned blocks and head swapped in (`finetune.load_tuned`).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from fercache.errors import UserError, warn
 from fercache.fit import check_head
 from fercache.heads import Head
-from fercache.names import feature_name
+from fercache.names import TUNED_CONFIG, feature_name
 
 
 def read_image(path: str | os.PathLike):
@@ -48,15 +50,17 @@ def crop_face(image, name: str):
 
 def predict(head_dir: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto",
             detect_face: bool = False, batch_size: int = 64) -> list[dict]:
-    """Label new images: 48x48 gray as the readers make them, stage one's encoder, then the head.
+    """Label new images: 48x48 gray as the readers make them, stage one's encoder, then the head
+    (or, for a `finetune` run, the base model with its tuned blocks and head swapped in).
 
     Returns `{"image", "label", "probs": {class: p}}` per image, in order.
     """
     from fercache.data import to_gray48
     from fercache.encoder import load_encoder
 
-    head = Head.load(head_dir)
-    if head.identity is None:
+    tuned = (Path(head_dir) / TUNED_CONFIG).is_file()  # a `finetune` run: the base model, tuned blocks swapped in
+    head = None if tuned else Head.load(head_dir)
+    if head is not None and head.identity is None:
         raise UserError(f"{head_dir}: this head was fitted on arrays of unknown origin; predict needs a head "
                         "from `fercache fit`, which records its encoder")
     faces = []
@@ -64,9 +68,17 @@ def predict(head_dir: str | os.PathLike, images: list[str | os.PathLike], device
         image = read_image(name)
         faces.append(to_gray48(crop_face(image, str(name)) if detect_face else image)[0])
     pixels = np.stack(faces)
+    if tuned:
+        from fercache.finetune import load_tuned
+
+        model = load_tuned(head_dir, device)
+        z = model.logits_from_pixels(pixels, batch_size)
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        return _results(images, probs / probs.sum(axis=1, keepdims=True), model.config["classes"])
     model, layer = head.identity.model, head.layer
     encoder = load_encoder(model, head.identity.preprocess, device, head.identity.dtype,
-                           layers=str(layer) if layer is not None else None)
+                           layers=str(layer) if layer is not None else None,  # the very weights it was fitted on:
+                           revision=head.identity.revision or None, fingerprint=head.identity.weights)
     check_head(head, encoder.identity, f"model '{model}'")
     views = ("plain", "flip") if head.views == "mean" else (head.views,)
     names = [feature_name(layer, view) for view in views]
@@ -78,6 +90,9 @@ def predict(head_dir: str | os.PathLike, images: list[str | os.PathLike], device
     X = np.concatenate([encode(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
     if X.shape[1] != head.dim:
         raise UserError(f"model '{model}' gives {X.shape[1]}-d features, but the head is {head.dim}-d")
-    probs = head.predict_proba(X)
-    return [{"image": str(name), "label": head.classes[int(p.argmax())],
-             "probs": {c: float(v) for c, v in zip(head.classes, p)}} for name, p in zip(images, probs)]
+    return _results(images, head.predict_proba(X), head.classes)
+
+
+def _results(images: list, probs: np.ndarray, classes: list[str]) -> list[dict]:
+    return [{"image": str(name), "label": classes[int(p.argmax())],
+             "probs": {c: float(v) for c, v in zip(classes, p)}} for name, p in zip(images, probs)]

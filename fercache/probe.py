@@ -1,9 +1,10 @@
 """Probing experiments: which layer knows most about expression, and one table across runs.
 
 `probe` fits one linear head per stored layer (`extract --layers`) plus the pooled feature on
-train, and scores each on test: the curve says where in the network expression is most linearly
-readable. `compare` reads the `metrics.json` of finished runs (`fercache fit`) into one table, so
-encoders, preprocessing, heads, views and layers can be set side by side.
+train, chooses the best on validation and scores each on test: the curve says where in the
+network expression is most linearly readable. `compare` reads the `metrics.json` of finished runs
+(`fercache fit`) into one table, so encoders, preprocessing, heads, views and layers can be set
+side by side, and tests each run against the best one on the same test faces (McNemar).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from fercache.cache import load_embeddings, read_meta
 from fercache.errors import UserError, warn
-from fercache.names import METHODS, POOLED, choice
+from fercache.names import CLASS_WEIGHTS, METHODS, POOLED, VALS, choice
 
-COMPARE_COLUMNS = ("model", "preprocess", "method", "views", "layer", "test_accuracy", "macro_f1")
+COMPARE_COLUMNS = ("model", "preprocess", "method", "views", "layer", "test_accuracy", "macro_f1",
+                   "test_accuracy_low", "test_accuracy_high", "balanced_accuracy", "test_split")
 
 
 def default_out(cache: str | os.PathLike) -> Path:
@@ -25,35 +29,56 @@ def default_out(cache: str | os.PathLike) -> Path:
 
 
 def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method: str = "linear",
-          views: str = "plain", seed: int = 0) -> dict:
-    """Fit a head per stored layer (and the pooled feature) on train; test accuracy of each.
+          views: str = "plain", seed: int = 0, val: str = "train", class_weight: str = "none") -> dict:
+    """Fit a head per stored layer (and the pooled feature); choose the best layer on validation.
 
-    Writes `probe.json` and `probe.png` (test accuracy against block number) into `out`; returns
-    what `probe.json` holds: `{"layers": [{"layer": k, "test_accuracy": a, ...}, ...], ...}`, the
-    pooled feature last with `"layer": "pooled"`.
+    `val="train"`: heads are fitted on a stratified 80% of train (`logreg.stratified_split`, the
+    same rows for every layer), the other 20% is validation, test is test. `val="public_test"`:
+    heads are fitted on all of train, PublicTest is validation, PrivateTest is test. Validation
+    also chooses logreg's C. Writes `probe.json` and `probe.png` (validation and test accuracy
+    against block number) into `out`; returns what `probe.json` holds: `{"best_layer", "layers":
+    [{"layer": k, "val_accuracy": a, "test_accuracy": b, ...}, ...], ...}`, the pooled feature
+    last with `"layer": "pooled"`.
     """
-    from fercache.heads import fit_linear, fit_logreg
+    from fercache.heads import fit_linear
+    from fercache.logreg import VAL_FRACTION, fit_logreg, stratified_split
+    from fercache.stats import intervals
 
     choice(method, METHODS, "method")
+    choice(val, VALS, "--val")
+    choice(class_weight, CLASS_WEIGHTS, "--class-weight")
     meta = read_meta(Path(cache))
     if not meta.get("layers"):
         raise UserError(f"{cache}: stores no per-layer features; extract with --layers (e.g. "
                         f"`fercache extract --model {meta.get('model', '...')} --layers all --split all`)")
-    rows = []
+    test_split = "test" if val == "train" else "private_test"
+    rows, fit_rows, val_rows = [], None, None
     for layer in [*meta["layers"], None]:
-        X, y, *_ = load_embeddings(cache, "train", layer=layer, view=views)
-        X_test, y_test, *_ = load_embeddings(cache, "test", layer=layer, view=views)
-        if method == "linear":
-            head, _ = fit_linear(X, y, seed=seed)
+        train = load_embeddings(cache, "train", layer=layer, view=views)
+        test = load_embeddings(cache, test_split, layer=layer, view=views)
+        if val == "train":
+            if fit_rows is None:
+                fit_rows, val_rows = stratified_split(train.y, VAL_FRACTION, seed)
+            X, y, X_val, y_val = train.X[fit_rows], train.y[fit_rows], train.X[val_rows], train.y[val_rows]
         else:
-            head, _ = fit_logreg(X, y, seed=seed)
+            X, y = train.X, train.y
+            X_val, y_val = load_embeddings(cache, "public_test", layer=layer, view=views)[:2]
+        if method == "linear":
+            head, _ = fit_linear(X, y, seed=seed, class_weight=class_weight)
+        else:
+            head, _ = fit_logreg(X, y, seed=seed, class_weight=class_weight, val=(X_val, y_val))
+        figures = intervals(test.y, head.predict(test.X), seed=seed)
         rows.append({"layer": POOLED if layer is None else layer, "dim": int(X.shape[1]),
-                     "train_accuracy": head.score(X, y)[1], "test_accuracy": head.score(X_test, y_test)[1]})
+                     "train_accuracy": head.score(X, y)[1], "val_accuracy": head.score(X_val, y_val)[1],
+                     "test_accuracy": figures["accuracy"], "test_accuracy_low": figures["accuracy_low"],
+                     "test_accuracy_high": figures["accuracy_high"]})
     folder = Path(out) if out else default_out(cache)
     folder.mkdir(parents=True, exist_ok=True)
-    best = max(rows, key=lambda r: r["test_accuracy"])
+    best = max(rows, key=lambda r: r["val_accuracy"])  # chosen on validation, never on test
     result = {"cache": str(cache), "model": meta.get("model"), "preprocess": meta.get("preprocess"),
-              "method": method, "views": views, "train_count": len(y), "test_count": len(y_test),
+              "method": method, "views": views, "val": val, "class_weight": class_weight,
+              "val_split": "train" if val == "train" else "public_test", "test_split": test_split,
+              "train_count": len(y), "val_count": len(y_val), "test_count": len(test.y),
               "best_layer": best["layer"], "layers": rows,
               "files": {"json": str(folder / "probe.json"), "plot": str(folder / "probe.png")}}
     (folder / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -62,17 +87,25 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
 
 
 def plot_probe(result: dict, path: Path) -> None:
-    """Test accuracy against block number; the pooled feature as a dashed line."""
+    """Validation and test accuracy (with its 95% interval) against block number; the pooled
+    feature as dashed lines."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (as in report.py)
 
     blocks = [r for r in result["layers"] if r["layer"] != POOLED]
     pooled = [r for r in result["layers"] if r["layer"] == POOLED]
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot([r["layer"] for r in blocks], [r["test_accuracy"] for r in blocks], "o-", label="CLS after block")
+    x = [r["layer"] for r in blocks]
+    ax.plot(x, [r["val_accuracy"] for r in blocks], "s-", color="tab:orange", label="validation")
+    ax.errorbar(x, [r["test_accuracy"] for r in blocks], capsize=3, color="tab:blue", marker="o", label="test (95% CI)",
+                yerr=[[r["test_accuracy"] - r["test_accuracy_low"] for r in blocks],
+                      [r["test_accuracy_high"] - r["test_accuracy"] for r in blocks]])
     for r in pooled:
-        ax.axhline(r["test_accuracy"], ls="--", color="gray", label=f"pooled ({r['test_accuracy']:.3f})")
-    ax.set(xlabel="block", ylabel="test accuracy",
+        ax.axhline(r["val_accuracy"], ls=":", color="tab:orange", label=f"pooled, validation ({r['val_accuracy']:.3f})")
+        ax.axhline(r["test_accuracy"], ls="--", color="gray", label=f"pooled, test ({r['test_accuracy']:.3f})")
+    if result["best_layer"] != POOLED:
+        ax.axvline(result["best_layer"], color="tab:green", alpha=0.4, label="chosen on validation")
+    ax.set(xlabel="block", ylabel="accuracy",
            title=f"{result['model']}: {result['method']} probe per layer ({result['views']})")
     ax.set_xticks([r["layer"] for r in blocks])
     ax.grid(alpha=0.3)
@@ -83,9 +116,18 @@ def plot_probe(result: dict, path: Path) -> None:
 def compare(runs: list[str | os.PathLike]) -> list[dict]:
     """One row per run folder (or its `metrics.json`), best test accuracy first.
 
-    A path without a readable `metrics.json` is skipped with a one-line warning; none at all is an error.
+    Runs are paired only on the very faces both were scored on (their `predictions.csv`): within
+    each set of runs scored on the same test faces, every run but the best gets `p_value`, the
+    exact McNemar test against that best (`stats.mcnemar`), Holm-adjusted over the set's runs,
+    since the best was itself picked by test accuracy (`p_raw` keeps the unadjusted value).
+    Runs scored on other faces (another split, a --limit, another source) form their own set, with
+    a one-line warning. A path without a readable `metrics.json` is skipped with a warning; none at
+    all is an error.
     """
-    rows, skipped = [], []
+    from fercache.fit import PREDICTIONS, read_predictions
+    from fercache.stats import holm, mcnemar
+
+    rows, skipped, predictions = [], [], {}
     for run in map(Path, runs):
         path = run if run.name == "metrics.json" else run / "metrics.json"
         if not path.is_file():
@@ -98,12 +140,35 @@ def compare(runs: list[str | os.PathLike]) -> list[dict]:
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             skipped.append(f"{path}: unreadable metrics ({type(exc).__name__}: {exc}); skipped")
             continue
+        if (path.parent / PREDICTIONS).is_file():
+            predictions[row["run"]] = read_predictions(path.parent / PREDICTIONS)
         rows.append(row)
     if not rows:
         raise UserError(f"none of the {len(runs)} path(s) given holds a run's metrics.json (made by `fercache fit`)")
     for message in skipped:
         warn(message)
-    return sorted(rows, key=lambda r: -r["test_accuracy"])
+    rows.sort(key=lambda r: -r["test_accuracy"])
+    bests: dict[tuple, dict] = {}  # the faces a set of runs was scored on -> its best run
+    for row in rows:
+        row["p_value"] = row["p_raw"] = row["vs"] = None
+        mine = predictions.get(row["run"])
+        if mine is None:
+            warn(f"{row['run']}: no {PREDICTIONS} (made by fercache before 0.2); no p-value")
+            continue
+        faces = (tuple(mine["id"]), mine["label"].tobytes())
+        best = bests.setdefault(faces, row)
+        if best is row:
+            if len(bests) > 1:
+                warn(f"{row['run']} was scored on other test faces ({len(mine['id']):,}) than {rows[0]['run']}: "
+                     "not paired with it; compared with the runs scored on its own faces")
+            continue
+        ref = predictions[best["run"]]
+        row["vs"], row["p_raw"] = best["run"], mcnemar(ref["label"], ref["predicted"], mine["predicted"])["p_value"]
+    for best in bests.values():
+        paired = [r for r in rows if r["vs"] == best["run"]]
+        for r, p in zip(paired, holm([r["p_raw"] for r in paired])):
+            r["p_value"] = p
+    return rows
 
 
 def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -111,13 +176,20 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     def text(v: object) -> object:
         return "+".join(map(str, v)) if isinstance(v, list) else v
 
-    headers = ["run", "model", "preprocessing", "method", "views", "layer", "test accuracy", "macro-F1"]
+    def interval(r: dict) -> str:
+        low, high = r.get("test_accuracy_low"), r.get("test_accuracy_high")
+        return f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else "-"
+
+    headers = ["run", "model", "preprocessing", "method", "views", "layer", "test accuracy", "95% interval",
+               "macro-F1", "p vs best (Holm)"]
     cells = [[r["run"], *(text(r[k]) for k in COMPARE_COLUMNS[:4]), POOLED if r["layer"] is None else r["layer"],
-              r["test_accuracy"], r["macro_f1"]] for r in rows]
+              r["test_accuracy"], interval(r), r["macro_f1"],
+              "-" if r["p_value"] is None else f"{r['p_value']:.3g}"] for r in rows]
     return headers, cells
 
 
 def probe_table(result: dict) -> tuple[list[str], list[list]]:
     """Headers and cells of `fercache probe`'s table."""
-    headers = ["layer", "dim", "train accuracy", "test accuracy"]
-    return headers, [[str(r["layer"]), r["dim"], r["train_accuracy"], r["test_accuracy"]] for r in result["layers"]]
+    headers = ["layer", "dim", "train accuracy", "val accuracy", "test accuracy", "95% interval"]
+    return headers, [[str(r["layer"]), r["dim"], r["train_accuracy"], r["val_accuracy"], r["test_accuracy"],
+                      f"[{r['test_accuracy_low']:.4f}, {r['test_accuracy_high']:.4f}]"] for r in result["layers"]]

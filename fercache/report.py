@@ -76,7 +76,8 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
 def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch", title: str = "") -> Path:
     """Loss and accuracy against `x` as a PNG: every `*_loss` and `*_acc` column of `rows`.
 
-    Epoch rows give training curves; `x="C"` rows (logreg's search) a log-scale validation curve.
+    Epoch rows give training curves; `x="C"` rows (logreg's search) a log-scale validation curve,
+    validation accuracy with its standard error (`val_se`) as error bars.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -85,7 +86,9 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch",
     xs = [r[x] for r in rows]
     for ax, suffix, label in zip(fig.subplots(1, 2), ("_loss", "_acc"), ("cross-entropy", "accuracy")):
         for key in (k for k in rows[0] if k.endswith(suffix)):
-            ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, label=key.removesuffix(suffix))
+            se = [r["val_se"] for r in rows] if key == "val_acc" and "val_se" in rows[0] else None
+            ax.errorbar(xs, [r[key] for r in rows], yerr=se, marker="o", markersize=3, capsize=3,
+                        label=key.removesuffix(suffix) + (" ± 1 SE" if se else ""))
         if x == "C":
             ax.set_xscale("log")
         else:
@@ -96,4 +99,30 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch",
         ax.legend()
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_reliability(calibration: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """The reliability diagram as a PNG: accuracy against confidence per bin (`stats.calibration`),
+    the diagonal being perfect calibration, with the rows per bin below and the ECE in the title."""
+    from matplotlib.figure import Figure
+
+    bins = [b for b in calibration["bins"] if b["count"]]
+    centres = [(b["low"] + b["high"]) / 2 for b in calibration["bins"]]
+    width = calibration["bins"][0]["high"] - calibration["bins"][0]["low"]
+    fig = Figure(figsize=(5, 5.6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=width * 0.9,
+            color="tab:blue", alpha=0.8, label="accuracy")
+    top.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["confidence"] - b["accuracy"] for b in bins],
+            bottom=[b["accuracy"] for b in bins], width=width * 0.9, color="tab:red", alpha=0.25,
+            label="gap to mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+            title=f"{title}{': ' if title else ''}ECE {calibration['ece']:.4f}")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.bar(centres, [b["count"] for b in calibration["bins"]], width=width * 0.9, color="gray")
+    bottom.set(xlabel="confidence (top class probability)", ylabel="rows")
+    fig.savefig(path, dpi=110)
     return Path(path)

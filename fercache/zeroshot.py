@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fercache.checkpoint import resolve
 from fercache.data import open_source
 from fercache.encoder import pick_device
 from fercache.errors import UserError, at_least_one, first_line
@@ -45,12 +46,13 @@ class ZeroShotResult:
     labels: np.ndarray
     pred: np.ndarray
     scores: np.ndarray  # (N, 7) cosine similarity of each face to each class
+    revision: str = ""  # the hub commit the model was loaded at ("" for a local folder)
 
     def summary(self) -> dict:
         """Accuracy and per-class recall (the JSON of `fercache zeroshot`)."""
         recall = {c: float(np.mean(self.pred[self.labels == i] == i)) if np.any(self.labels == i) else None
                   for i, c in enumerate(CLASSES)}
-        return {"model": self.model, "split": self.split, "count": len(self.ids),
+        return {"model": self.model, "revision": self.revision, "split": self.split, "count": len(self.ids),
                 "accuracy": float(np.mean(self.pred == self.labels)), "per_class_recall": recall,
                 "templates": list(TEMPLATES), "class_names": dict(zip(CLASSES, CLASS_NAMES))}
 
@@ -60,28 +62,31 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def load_clip(model: str, device: torch.device):
-    """A full CLIP model (both towers), its tokenizer and stage one's `clip` preprocessing."""
+def load_clip(model: str, device: torch.device, revision: str | None = None):
+    """A full CLIP model (both towers), its tokenizer, stage one's `clip` preprocessing and the
+    commit hash it was loaded at ("" for a local folder)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
     if model == PIXELS:
         raise UserError("the pixels baseline has no text tower; zero-shot needs a full CLIP model "
                         f"such as {DEFAULT_MODEL}")
+    checkpoint = resolve(model, revision)
+    pin = checkpoint.load_kwargs
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **pin)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{model}': {first_line(exc)}") from None
     if config.model_type != "clip" or getattr(config, "text_config", None) is None:
         raise UserError(f"model '{model}' ({config.model_type}) has no CLIP text tower; zero-shot needs a full "
                         f"CLIP model such as {DEFAULT_MODEL}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        processor = AutoImageProcessor.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, **pin)
+        processor = AutoImageProcessor.from_pretrained(model, **pin)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"model '{model}' lacks a usable tokenizer or image processor: {first_line(exc)}") from None
-    net = CLIPModel.from_pretrained(model, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    net = CLIPModel.from_pretrained(model, dtype=torch.float32, **pin).to(device).eval().requires_grad_(False)
     prep = Preprocessor(recipe_for("clip", processor, config.vision_config.image_size), device)
-    return net, tokenizer, prep
+    return net, tokenizer, prep, checkpoint.revision
 
 
 @torch.inference_mode()
@@ -97,12 +102,12 @@ def class_embeddings(net, tokenizer, device: torch.device) -> torch.Tensor:
 
 def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
              model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 64,
-             progress: bool = True) -> ZeroShotResult:
+             progress: bool = True, revision: str | None = None) -> ZeroShotResult:
     """Classify a split of FER2013 with CLIP's text prompts alone (no training)."""
     at_least_one(batch_size=batch_size, limit=limit)
     source = open_source(data)  # the index only: a wrong path fails before the model loads
     dev = pick_device(device)
-    net, tokenizer, prep = load_clip(model, dev)
+    net, tokenizer, prep, commit = load_clip(model, dev, revision)
     images = source.load(split, limit=limit)
     text = class_embeddings(net, tokenizer, dev)
     scores = []
@@ -114,4 +119,4 @@ def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: 
             scores.append((torch.nn.functional.normalize(emb, dim=-1) @ text.T).float().cpu().numpy())
             bar.update(len(batch))
     scores_np = np.concatenate(scores)
-    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np)
+    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np, commit)

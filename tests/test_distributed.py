@@ -1,4 +1,5 @@
-"""Stage one under torchrun: two CPU ranks (gloo) make the cache one process makes, and fail together."""
+"""Stage one under torchrun: two CPU ranks (gloo) make the cache one process makes, on one "machine"
+or two, fail together, wait for each other's slow steps, and find their own GPU (simulated)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
+import json
+import socket
+from contextlib import nullcontext
 
+import numpy as np
+import pytest
+import torch
+
+import fercache.extract
 from fercache.cache import describe_cache, load_embeddings, usage_of
+from fercache.data import Source
+from fercache.distributed import rank_device
+from fercache.errors import UserError
 from fercache.extract import extract
+from fercache.pipeline import run as run_all
 
 
 def torchrun(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -20,6 +32,39 @@ def torchrun(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Complete
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, cwd: Path, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Two "machines" of one rank each, as on a cluster: one torchrun per node, a c10d rendezvous."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}", "--rdzv-id", "fer-test", "--local-addr", "127.0.0.1"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, *args], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return done
+
+
+def assert_same_cache(one: Path, two: Path) -> None:
+    """The same splits, ids, labels, usage and (float rounding aside) features; no part left over."""
+    splits = describe_cache(two)["splits"]
+    assert splits.keys() == describe_cache(one)["splits"].keys() and all(s["complete"] for s in splits.values())
+    assert not two.with_name(two.name + ".partial").exists()
+    for split in splits:
+        a, b = load_embeddings(one, split), load_embeddings(two, split)
+        assert b.ids == a.ids and len(set(b.ids)) == len(b.ids)
+        np.testing.assert_array_equal(b.y, a.y)
+        np.testing.assert_allclose(b.X, a.X, rtol=1e-5, atol=1e-6)
+        assert usage_of(two, split) == usage_of(one, split)
 
 
 def test_two_ranks_make_the_cache_one_process_makes(tmp_path, fer_zip, tiny_model):
@@ -30,15 +75,104 @@ def test_two_ranks_make_the_cache_one_process_makes(tmp_path, fer_zip, tiny_mode
     assert run.returncode == 0, run.stderr
     # train: 21 images in batches of 4 -> shards of 12 and 9, the last batch of rank 1 a short one
     assert [line.split(":")[0] for line in run.stdout.splitlines()] == ["train", "test"]  # rank 0 only
-    splits = describe_cache(two)["splits"]
-    assert {name: s["complete"] for name, s in splits.items()} == {"train": True, "test": True}
-    assert not (tmp_path / "two.h5.partial").exists()
-    for split in ("train", "test"):
-        a, b = load_embeddings(one, split), load_embeddings(two, split)
-        assert b.ids == a.ids and len(set(b.ids)) == len(b.ids)
-        np.testing.assert_array_equal(b.y, a.y)
-        np.testing.assert_allclose(b.X, a.X, rtol=1e-5, atol=1e-6)
-        assert usage_of(two, split) == usage_of(one, split)
+    assert_same_cache(one, two)
+
+
+def test_each_rank_decodes_only_its_own_shard(tmp_path, fer_zip, tiny_model, monkeypatch):
+    """Two ranks simulated in one process, one after the other: rank 1 writes its part, rank 0 its
+    own and commits both. Each decodes only its own images, and the cache is one process's."""
+    decoded: list[list[str]] = []
+    stream = Source.stream
+    monkeypatch.setattr(Source, "stream", lambda self, entries, *a, **k: (
+        decoded.append([e.id for e in entries]), stream(self, entries, *a, **k))[1])
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    extract(fer_zip, "train", str(tiny_model), dtype="float32", batch_size=4, cache=one, progress=False)
+    everything = decoded.pop()
+    monkeypatch.setattr(fercache.extract, "step", nullcontext)
+    monkeypatch.setattr(fercache.extract, "agree", lambda **values: None)
+    for rank in (1, 0):
+        monkeypatch.setattr(fercache.extract, "rank_and_world", lambda: (rank, 2))
+        extract(fer_zip, "train", str(tiny_model), dtype="float32", batch_size=4, cache=two, progress=False)
+    # 21 images, batches of 4: rank 0 takes 3 batches (12 images), rank 1 the other 9
+    assert decoded == [everything[12:], everything[:12]]
+    assert_same_cache(one, two)
+
+
+def test_fercache_run_under_torchrun_equals_one_process(tmp_path, fer_zip, tiny_model):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    _, alone = run_all(fer_zip, str(tiny_model), dtype="float32", batch_size=4, epochs=3, cache=one,
+                       out=tmp_path / "alone", progress=False)
+    run = torchrun("-m", "fercache", "run", "--data", str(fer_zip), "--model", str(tiny_model), "--dtype", "float32",
+                   "--batch-size", "4", "--epochs", "3", "--cache", str(two), "--out", str(tmp_path / "ranks"),
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("test accuracy") == 1 and run.stdout.count("train: 21 images") == 1  # rank 0 alone
+    assert_same_cache(one, two)
+    metrics = json.loads((tmp_path / "ranks" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == alone.metrics["test_accuracy"]
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+    np.testing.assert_allclose([r["train_loss"] for r in metrics["history"]],
+                               [r["train_loss"] for r in alone.metrics["history"]], rtol=1e-4)
+
+
+def test_two_machines_make_the_cache_one_process_makes(tmp_path, fer_zip, tiny_model):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    extract(fer_zip, "test", str(tiny_model), dtype="float32", batch_size=4, cache=one, progress=False)
+    nodes = two_nodes("-m", "fercache", "extract", "--data", str(fer_zip), "--split", "test", "--model",
+                      str(tiny_model), "--dtype", "float32", "--batch-size", "4", "--cache", str(two), cwd=tmp_path)
+    assert [n.returncode for n in nodes] == [0, 0], [n.stderr[-2000:] for n in nodes]
+    # the rendezvous decides which node holds rank 0; that one alone prints the summary
+    assert sorted(n.stdout.count("test: 14 images") for n in nodes) == [0, 1]
+    assert_same_cache(one, two)
+
+
+def test_a_slow_step_outlasts_a_short_collective_timeout(tmp_path):
+    """fercache's sync points wait on their own gloo group: a caller's group with a 3 s timeout does
+    not end them when one rank spends 6 s before the sync point (a download, a commit)."""
+    script = tmp_path / "slow.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from datetime import timedelta
+        import torch.distributed as dist
+        from fercache.distributed import agree, step
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+        rank = dist.get_rank()
+        with step():
+            if rank == 1:
+                time.sleep(6)
+        agree(value=1)
+        with open(f"rank{rank}.txt", "w") as f:
+            f.write("through")
+        dist.destroy_process_group()
+    """))
+    run = torchrun(str(script), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["through", "through"]
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [
+    (1, "3", "cuda:0"),  # SLURM --gpus-per-task 1: each task sees only its own GPU, as device 0
+    (8, "3", "cuda:3"),  # one torchrun per machine, every GPU visible: the one at the local rank
+    (1, None, "cuda:0"),
+])
+def test_each_rank_finds_its_own_gpu(monkeypatch, visible, local_rank, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert rank_device("cuda") == expected and rank_device("auto") == expected
+    assert rank_device("cuda:5") == "cuda:5"  # as given
+
+
+def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UserError, match="local rank 2 has no GPU of its own"):
+        rank_device("cuda")
 
 
 def test_a_user_error_ends_every_rank_with_one_line(tmp_path, fer_zip, tiny_model):

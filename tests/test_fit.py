@@ -13,13 +13,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import cli, make_fer_layout
-from fercache.cache import cache_meta, write_split
+from fercache.cache import cache_meta, load_embeddings, write_split
 from fercache.cli import app
 from fercache.data import CLASSES, to_gray48
 from fercache.errors import FERCacheWarning, UserError
 from fercache.fit import evaluate, fit
-from fercache.heads import Head, fit_linear, fit_logreg
+from fercache.heads import Head, fit_linear
 from fercache.identity import Identity
+from fercache.logreg import fit_logreg
 
 
 def synthetic(n: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +37,7 @@ def write_cache(path: Path, dim: int = 16, sep: float = 3.0, model: str = "synth
     meta = cache_meta(Identity(model, "none", "synthetic", "float32", image_size=48, source="s"), dim)
     for i, split in enumerate(splits):
         X, y = synthetic(n if split == "train" else n // 2, dim, sep, seed=i)
-        usage = ["train"] * len(y) if split == "train" else ["public_test", "private_test"] * (len(y) // 2)
+        usage = ["train"] * len(y) if split == "train" else (["public_test", "private_test"] * len(y))[:len(y)]
         write_split(path, split, meta, [f"{split}/{j}" for j in range(len(y))], y, usage, {"embeddings": X})
     return path
 
@@ -114,7 +115,7 @@ def test_torch_and_sklearn_heads_agree_on_easy_data():
     assert linear.score(X_test, y_test)[1] > 0.95 and logreg.score(X_test, y_test)[1] > 0.95
     assert (linear.predict(X_test) == logreg.predict(X_test)).mean() > 0.97
     assert search["C"] in [r["C"] for r in search["validation"]]
-    assert all(set(r) == {"C", "val_loss", "val_acc", "n_iter"} for r in search["validation"])
+    assert all(set(r) == {"C", "val_loss", "val_acc", "val_se", "n_iter", "converged"} for r in search["validation"])
 
 
 def test_logreg_at_least_as_accurate_as_plain_sklearn():
@@ -250,3 +251,110 @@ def test_user_errors_are_one_line_and_exit_2(easy, tiny_run, tmp_path):
     done = cli("predict", "--head", str(run), str(tmp_path / "notes.png"))  # the entry point: exit 2, one line
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "notes.png: not a readable image" in done.stderr
+
+
+# --- issue 11: trustworthy figures ------------------------------------------------------------
+
+
+def test_run_carries_intervals_balanced_accuracy_predictions_and_a_self_contained_report(easy):
+    from fercache.fit import read_predictions
+
+    cache, run = easy
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("test_accuracy", "macro_f1", "balanced_accuracy", "public_test_accuracy", "private_test_accuracy",
+                "public_test_macro_f1", "private_test_macro_f1"):
+        assert m[f"{key}_low"] <= m[key] <= m[f"{key}_high"], key
+    recalls = [r["recall"] for r in m["per_class"].values()]
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert 0 <= m["calibration"]["ece"] <= 1 and (m["val"], m["test_split"]) == ("train", "test")
+    p = read_predictions(run / "predictions.csv")
+    X_test, y_test, ids, *_ = load_embeddings(cache, "test")
+    assert p["id"] == ids and np.array_equal(p["label"], y_test)
+    assert np.array_equal(p["predicted"], Head.load(run).predict(X_test))
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # confusion, curves, reliability; no faces: no source
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert f"{m['test_accuracy']:.4f}" in page and f"{m['test_accuracy_low']:.4f}" in page
+    assert "is not at hand" in page  # the gallery says why it shows no faces
+
+
+def test_logreg_with_a_missing_class_saves_seven_rows_that_evaluate_loads(tmp_path):
+    cache = tmp_path / "gaps.h5"
+    meta = cache_meta(Identity("synthetic", "none", "synthetic", "float32", image_size=48, source="s"), 8)
+    X, y = synthetic(420, 8, 3.0, seed=0)
+    keep = (y != 1) & ((y != 5) | (np.arange(420) == 5))  # no disgust, one surprise: as a --limit can make
+    write_split(cache, "train", meta, [f"train/{j}" for j in range(keep.sum())], y[keep], ["train"] * keep.sum(),
+                {"embeddings": X[keep]})
+    X_test, y_test = synthetic(140, 8, 3.0, seed=1)
+    write_split(cache, "test", meta, [f"test/{j}" for j in range(140)], y_test, ["public_test", "private_test"] * 70,
+                {"embeddings": X_test})
+    result = CliRunner().invoke(app, ["fit", "--cache", str(cache), "--method", "logreg", "--out", str(tmp_path / "r")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "95% bootstrap intervals" in result.output and "chosen C" in result.output
+    head = Head.load(tmp_path / "r")
+    assert head.weight.shape == (7, 8) and head.bias.shape == (7,)
+    report = evaluate(cache, tmp_path / "r", out=tmp_path)
+    assert report["count"] == 140 and report["per_class"]["disgust"]["recall"] == 0.0
+    assert report["accuracy"] == pytest.approx(json.loads((tmp_path / "r" / "metrics.json").read_text())["test_accuracy"])
+    assert report["accuracy_low"] <= report["accuracy"] <= report["accuracy_high"] and "balanced_accuracy" in report
+
+
+def test_val_public_test_chooses_on_publictest_and_reports_on_privatetest(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", n=1400, sep=0.4)
+    m = fit(cache, method="logreg", val="public_test", out=tmp_path / "run", plots=False).metrics
+    assert (m["val"], m["test_split"], m["test_count"], m["logreg"]["val_count"]) == ("public_test", "private_test",
+                                                                                       350, 350)
+    X_val, y_val = load_embeddings(cache, "public_test")[:2]
+    chosen = next(r for r in m["logreg"]["validation"] if r["C"] == m["logreg"]["C"])
+    assert Head.load(tmp_path / "run").score(X_val, y_val)[1] == pytest.approx(chosen["val_acc"])
+    assert m["private_test_accuracy"] == m["test_accuracy"] and m["public_test_accuracy"] is None
+
+
+def test_few_shot_fits_k_faces_per_class_n_times(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", n=1400, sep=0.6)
+    m = fit(cache, shots=4, repeats=3, out=tmp_path / "run", plots=False).metrics
+    fs = m["few_shot"]
+    assert m["train_count"] == 28 and (fs["shots"], fs["repeats"], len(fs["runs"])) == (4, 3, 3)
+    assert fs["accuracy_mean"] == pytest.approx(np.mean(fs["runs"]))
+    assert fs["accuracy_std"] == pytest.approx(np.std(fs["runs"], ddof=1)) and fs["accuracy_std"] > 0
+    assert m["test_accuracy"] == fs["runs"][0]  # the folder keeps the first draw's head
+    with pytest.raises(UserError, match="--shots must be at least 1"):
+        fit(cache, shots=0, out=tmp_path / "no")
+
+
+def test_balanced_class_weight_lifts_the_rare_class_for_both_methods(tmp_path):
+    X, y = synthetic(2800, 16, 0.35, seed=0)
+    rare = (y != 1) | (np.arange(2800) % 70 == 1)  # disgust: 1 row in 10 of the others' share
+    X_test, y_test = synthetic(1400, 16, 0.35, seed=1)
+    for method in ("linear", "logreg"):
+        recall = {}
+        for weight in ("none", "balanced"):
+            if method == "linear":
+                head, _ = fit_linear(X[rare], y[rare], class_weight=weight)
+            else:
+                head, _ = fit_logreg(X[rare], y[rare], class_weight=weight)
+            recall[weight] = np.mean(head.predict(X_test)[y_test == 1] == 1)
+        assert recall["balanced"] > recall["none"] + 0.2, (method, recall)
+
+
+def test_report_shows_the_most_confident_mistakes_as_faces_from_the_source(tiny_run):
+    from fercache.fit import read_predictions
+
+    page = (tiny_run / "report.html").read_text()
+    p = read_predictions(tiny_run / "predictions.csv")
+    mistakes = int((p["label"] != p["predicted"]).sum())
+    assert mistakes > 0 and "is not at hand" not in page
+    assert page.count("data:image/png;base64,") == 3 + min(mistakes, 24)  # three figures, one face per mistake
+    wrong = [i for i, (a, b) in enumerate(zip(p["label"], p["predicted"])) if a != b]
+    assert all(f'alt="{p["id"][i]}"' in page for i in wrong[:24])
+
+
+def test_linear_head_never_predicts_a_class_without_training_rows():
+    X, y = synthetic(700, 12, 2.0, seed=0)
+    keep = y != 1  # no disgust, as a --limit can leave it out
+    head, _ = fit_linear(X[keep], y[keep], epochs=3)
+    far, _ = synthetic(500, 12, 30.0, seed=1)  # faces far from every training row
+    assert head.weight.shape == (7, 12) and not head.weight[1].any()
+    assert head.predict_proba(far)[:, 1].max() == 0 and (head.predict(far) != 1).all()
+    assert np.isfinite(head.score(X, y)[0])  # a disgust face costs a large but finite loss

@@ -137,18 +137,36 @@ def layer_cache(tiny_zip, tiny3, tmp_path_factory) -> Path:
     return cache
 
 
-def test_probe_reports_every_layer_and_the_pooled_feature(layer_cache, tmp_path):
+def test_probe_chooses_the_layer_on_validation_and_reports_every_layer(layer_cache, tmp_path):
+    from fercache.heads import fit_linear
+    from fercache.logreg import stratified_split
+
     run = cli("probe", "--cache", layer_cache, "--out", tmp_path / "out", "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert [r["layer"] for r in result["layers"]] == [1, 2, 3, "pooled"]
-    assert result["train_count"] == 35 and result["test_count"] == 14
-    for r in result["layers"]:
-        assert 0 <= r["test_accuracy"] <= 1 and r["dim"] == 32
+    assert (result["train_count"], result["val_count"], result["test_count"]) == (28, 7, 14)
+    # Each row by hand: a head on the same stratified 80% of train, scored on the other 20% and on test.
+    y = load_embeddings(layer_cache, "train").y
+    fit_rows, val_rows = stratified_split(y, 0.2, seed=0)
+    for r, layer in zip(result["layers"], [1, 2, 3, None]):
+        X, y = load_embeddings(layer_cache, "train", layer=layer)[:2]
+        X_test, y_test = load_embeddings(layer_cache, "test", layer=layer)[:2]
+        head, _ = fit_linear(X[fit_rows], y[fit_rows], seed=0)
+        assert r["val_accuracy"] == head.score(X[val_rows], y[val_rows])[1]
+        assert r["test_accuracy"] == pytest.approx(head.score(X_test, y_test)[1])
+        assert r["test_accuracy_low"] <= r["test_accuracy"] <= r["test_accuracy_high"] and r["dim"] == 32
+    assert result["best_layer"] == max(result["layers"], key=lambda r: r["val_accuracy"])["layer"]
     # the pooled feature is block 3's layer-normed CLS: the same arrays, the same seeded head
     assert result["layers"][2]["test_accuracy"] == result["layers"][3]["test_accuracy"]
     assert json.loads((tmp_path / "out" / "probe.json").read_text()) == result
     assert (tmp_path / "out" / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the challenge's protocol: all of train fits, PublicTest chooses, PrivateTest is reported
+    public = json.loads(cli("probe", "--cache", layer_cache, "--out", tmp_path / "pub", "--val", "public_test",
+                            "--json").stdout)
+    assert (public["val_split"], public["test_split"]) == ("public_test", "private_test")
+    assert (public["train_count"], public["val_count"], public["test_count"]) == (35, 7, 7)
 
 
 def test_probe_table_and_default_folder(layer_cache, tmp_path):
@@ -182,11 +200,16 @@ def test_zeroshot_is_the_argmax_of_prompt_cosines(faces_zip, full_clip):
               "--batch-size", 5, "--json")
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
-    assert 0 <= summary["accuracy"] <= 1 and summary["count"] == 12
+    assert summary["count"] == 12
     assert list(summary["per_class_recall"]) == list(CLASSES) and summary["templates"] == list(TEMPLATES)
 
     result = zeroshot(faces_zip, "test", 12, str(full_clip), "cpu", 5, progress=False)
-    assert result.summary()["accuracy"] == summary["accuracy"] == np.mean(result.pred == result.labels)
+    assert result.summary()["accuracy"] == summary["accuracy"] == np.mean(result.scores.argmax(1) == result.labels)
+    assert np.array_equal(result.labels, load_images(faces_zip, "test", limit=12).labels)
+    pred = result.scores.argmax(1)
+    for i, c in enumerate(CLASSES):  # each class's recall, from the cosine scores
+        rows = result.labels == i
+        assert summary["per_class_recall"][c] == (pytest.approx(np.mean(pred[rows] == i)) if rows.any() else None), c
 
     # the same guess computed independently: the processor's pixels, CLIP's own feature methods
     model, tok = CLIPModel.from_pretrained(full_clip).eval(), AutoTokenizer.from_pretrained(full_clip)
@@ -233,7 +256,9 @@ def test_compare_sorts_runs_and_skips_folders_without_metrics(tmp_path):
     run = cli("compare", a, tmp_path / "runs" / "probe-only", b)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines() == [f"fercache: warning: {tmp_path / 'runs' / 'probe-only'}: "
-                                               "no metrics.json (not a finished `fercache fit` run); skipped"]
+                                               "no metrics.json (not a finished `fercache fit` run); skipped",
+                                               *(f"fercache: warning: {run}: no predictions.csv (made by fercache "
+                                                 "before 0.2); no p-value" for run in (b, a))]
     lines = run.stdout.splitlines()
     assert lines[0].split()[:3] == ["run", "model", "preprocessing"] and "macro-F1" in lines[0]
     assert lines[1].split()[:2] == [str(b), "openai/clip-vit-base-patch32"] and "plain+flip" in lines[1]
@@ -245,20 +270,36 @@ def test_compare_sorts_runs_and_skips_folders_without_metrics(tmp_path):
 
 
 
-def test_compare_reads_what_fit_writes(layer_cache, tmp_path):
-    from fercache.fit import fit
+def test_compare_reads_what_fit_writes_and_tests_each_run_against_the_best(layer_cache, tmp_path):
+    from fercache.fit import fit, read_predictions
+    from fercache.stats import mcnemar
 
     fit(layer_cache, out=tmp_path / "pooled", plots=False)
     fit(layer_cache, layer=1, out=tmp_path / "block1", plots=False)
-    run = cli("compare", tmp_path / "pooled", tmp_path / "block1", "--json")
+    fit(layer_cache, layer=2, val="public_test", out=tmp_path / "private", plots=False)  # scored on PrivateTest only
+    run = cli("compare", tmp_path / "pooled", tmp_path / "block1", tmp_path / "private", "--json")
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)["runs"]
-    want = {str(tmp_path / d): json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pooled", "block1")}
+    want = {str(tmp_path / d): json.loads((tmp_path / d / "metrics.json").read_text())
+            for d in ("pooled", "block1", "private")}
     assert sorted(r["run"] for r in rows) == sorted(want)
     assert [r["test_accuracy"] for r in rows] == sorted((m["test_accuracy"] for m in want.values()), reverse=True)
     for r in rows:
         assert r["layer"] == want[r["run"]]["layer"] and r["macro_f1"] == want[r["run"]]["macro_f1"]
         assert r["model"] == want[r["run"]]["model"] and r["method"] == "linear" and r["views"] == "plain"
+    # each run against the best on the same 14 faces: McNemar from the saved per-face predictions
+    full = [r for r in rows if r["run"] != str(tmp_path / "private")]
+    best = rows[0]
+    assert best["p_value"] is None
+    if best["run"] != str(tmp_path / "private"):
+        other = full[1]
+        a, b = (read_predictions(Path(r["run"]) / "predictions.csv") for r in (best, other))
+        assert a["id"] == b["id"] and len(a["id"]) == 14
+        assert other["p_value"] == mcnemar(a["label"], a["predicted"], b["predicted"])["p_value"]
+    # the PrivateTest-only run is never paired with a run scored on all of test
+    assert next(r for r in rows if r["run"] == str(tmp_path / "private"))["p_value"] is None
+    assert "other test faces" in run.stderr and "not paired" in run.stderr
+
 
 # --- the pixels floor on the real FER2013 ---------------------------------------------------
 

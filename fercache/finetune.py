@@ -1,0 +1,678 @@
+"""Stage three: tune the encoder's top blocks, its final norm and a linear head.
+
+A ViT-like tower is stem -> blocks -> final norm -> pooling. Tuning only the top N blocks leaves
+everything below them frozen, so the token sequence entering block K+1 (K = L - N) is the same
+every epoch: computed once and cached (`extract --tokens K`), it is all training needs, and an
+epoch costs the top N blocks only. `--from-images` feeds the same training from faces through the
+frozen lower part each epoch instead, with augmentation done in batches on the device: the usual
+fine-tuning recipe, `--blocks all` included (the stem, patch and position embeddings, stays frozen).
+
+The recipe: AdamW with linear warm-up and cosine decay, weight decay on matrices only, optional
+label smoothing, layer-wise learning-rate decay (block j below the top learns at lr x decay^j);
+the model is chosen, and training stopped early, on a validation part of train (or on PublicTest
+with `val="public_test"`, reporting on PrivateTest), never on test.
+
+Every epoch ends with a checkpoint (one safetensors file: weights, best weights, AdamW's state and
+the random generators' states as tensors, the rest as JSON in its header), written atomically, so
+an interrupted run resumes at its last finished epoch and ends with the same weights as one that
+was never interrupted. The result is `tuned.safetensors` (the tuned tensors under the names they
+have in the base model, plus `classifier.weight`/`.bias`) and `tuned.json` (the base model and its
+revision, which blocks, the classes, the recipe): `load_tuned` swaps them into the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fercache.encoder import Encoder, load_encoder, pick_device
+from fercache.errors import UserError, at_least_one
+from fercache.identity import ENCODER, Identity
+from fercache.logreg import stratified_split
+from fercache.names import CLASSES, TUNED_CONFIG, VALS, choice
+
+WEIGHTS, CONFIG, CHECKPOINT = "tuned.safetensors", TUNED_CONFIG, "checkpoint.safetensors"
+VAL_FRACTION = 0.1  # of train, stratified, when choosing on train
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 would need loss scaling
+# Where Hugging Face vision towers keep their parts (transformers 4 and 5 spellings).
+BLOCK_LISTS = ("encoder.layers", "encoder.layer", "layers")
+NORMS = ("post_layernorm", "layernorm")
+POOLERS = ("head", "pooler")  # SigLIP's attention-pooling head, ViT's dense+tanh; CLIP, DINOv2: the CLS token
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _call_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    out = block(h, None)  # no attention mask: every image has all its tokens
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Tower:
+    """A loaded vision tower seen as stem -> blocks -> final norm -> pooling, with the parts' names."""
+
+    module: nn.Module
+    blocks_name: str
+    norm_name: str
+    pooler_name: str | None  # None: the pooled feature is the normed CLS token
+
+    @classmethod
+    def of(cls, model: nn.Module, where: str = "this model") -> Tower:
+        tower = getattr(model, "vision_model", model)  # transformers 4 nests CLIP's tower, 5 does not
+        blocks = next((n for n in BLOCK_LISTS if isinstance(_get(tower, n), nn.ModuleList)), None)
+        norm = next((n for n in NORMS if isinstance(_get(tower, n), nn.Module)), None)
+        pooler = next((n for n in POOLERS if isinstance(_get(tower, n), nn.Module)), None)
+        has_cls = any(hasattr(getattr(tower, "embeddings", None), a) for a in ("class_embedding", "cls_token"))
+        if blocks is None or norm is None or (pooler is None and not has_cls):
+            raise UserError(f"{where} ({type(tower).__name__}) is not a ViT-like tower fercache can tune "
+                            "(CLIP, SigLIP, DINOv2 and ViT are)")
+        return cls(tower, blocks, norm, pooler)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return _get(self.module, self.blocks_name)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def lower(self, pixel_values: torch.Tensor, first: int) -> torch.Tensor:
+        """The tokens entering block `first + 1` (what `hidden_states[first]` holds): stem, then blocks 1..first."""
+        h = self.module.embeddings(pixel_values)
+        pre = getattr(self.module, "pre_layrnorm", None)  # CLIP norms its embeddings before block 1
+        h = pre(h) if pre is not None else h
+        for block in self.blocks[:first]:
+            h = _call_block(block, h)
+        return h
+
+
+class TopModel(nn.Module):
+    """Blocks `first+1..L`, the final norm, the pooling and a linear head: tokens in, logits out.
+
+    Initialised as copies of the tower's own modules, so before training its pooled feature is the
+    base model's `pooler_output`.
+    """
+
+    def __init__(self, tower: Tower, first: int, classes: int = len(CLASSES), seed: int = 0):
+        super().__init__()
+        self.names = {"blocks": tower.blocks_name, "norm": tower.norm_name, "pooler": tower.pooler_name}
+        self.first = first
+        self.blocks = copy.deepcopy(tower.blocks[first:])
+        self.norm = copy.deepcopy(_get(tower.module, tower.norm_name))
+        self.pooler = copy.deepcopy(_get(tower.module, tower.pooler_name)) if tower.pooler_name else None
+        dim = self.norm.weight.shape[0]
+        with torch.random.fork_rng(devices=[]):  # a seeded head, without touching the caller's RNG
+            torch.manual_seed(seed)
+            self.classifier = nn.Linear(dim, classes)
+        self.float().requires_grad_(True)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = tokens
+        for block in self.blocks:
+            h = _call_block(block, h)
+        h = self.norm(h)
+        return self.pooler(h) if self.pooler is not None else h[:, 0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooled(tokens))
+
+    def tuned_state(self) -> dict[str, torch.Tensor]:
+        """The tuned tensors under the names the base model gives them (`classifier.*` is new)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            part, _, rest = name.partition(".")
+            if part == "blocks":
+                index, _, rest = rest.partition(".")
+                name = f"{self.names['blocks']}.{self.first + int(index)}.{rest}"
+            elif part in ("norm", "pooler"):
+                name = f"{self.names[part]}.{rest}"
+            out[name] = t.detach().to("cpu", torch.float32).contiguous()
+        return out
+
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+        """AdamW groups: block j below the top at lr x layer_decay^j (norm, pooling, head: lr);
+        weight decay on matrices only (not on biases and norms)."""
+        n = len(self.blocks)
+        groups = []
+        for depth, module in [(0, m) for m in (self.classifier, self.norm, self.pooler) if m is not None] + \
+                [(n - i, b) for i, b in enumerate(self.blocks)]:
+            params = list(module.parameters())
+            for decay, chosen in ((weight_decay, [p for p in params if p.ndim >= 2]),
+                                  (0.0, [p for p in params if p.ndim < 2])):
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr * layer_decay ** depth, "weight_decay": decay,
+                                   "base_lr": lr * layer_decay ** depth})
+        return groups
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.8, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3), degrees: float = 10.0) -> torch.Tensor:
+    """Random resized crop (area share `scale`, aspect `ratio`), horizontal flip and rotation by up
+    to `degrees`, for a whole batch of model inputs in one `grid_sample`, on their device.
+
+    Drawn from a CPU generator, so the same seed gives the same views on any device (and a resumed
+    run the same as an uninterrupted one). Faces fill FER2013's frames: crops stay large.
+    """
+    b = len(x)
+    u = torch.rand(b, 6, generator=gen, dtype=torch.float64)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # shares of width, height
+    tx, ty = (1 - sx) * (2 * u[:, 2] - 1), (1 - sy) * (2 * u[:, 3] - 1)  # crop centre, within the frame
+    angle = math.radians(degrees) * (2 * u[:, 4] - 1)
+    flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([sx * flip * cos, -sy * sin, tx], 1),
+                         torch.stack([sx * flip * sin, sy * cos, ty], 1)], 1)  # output -> input coordinates
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
+
+
+@dataclass
+class Split:
+    """Labelled inputs of one split: tokens (N, T, D) from a cache, or faces (N, 48, 48) uint8."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: list[str]
+    usage: list[str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The training recipe (what a checkpoint must share to be resumed)."""
+
+    blocks: int
+    epochs: int = 10
+    lr: float = 1e-4
+    batch_size: int = 64
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    layer_decay: float = 0.75
+    warmup: float = 0.1  # share of all steps
+    patience: int = 3  # epochs without a better validation score before stopping
+    val: str = "train"
+    seed: int = 0
+    dtype: str = "float32"
+    from_images: bool = False
+    augment: bool = True  # from images only
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Linear warm-up to 1 over the first `warmup` share of steps, then cosine decay to 0."""
+        warm = max(1, round(self.warmup * total))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def choose_parts(train: Split, test: Split, val: str, seed: int) -> dict[str, tuple[Split, np.ndarray]]:
+    """fit / val / test rows: val a stratified part of train, or PublicTest (test is then PrivateTest)."""
+    choice(val, VALS, "--val")
+    if val == "train":
+        fit_rows, val_rows = stratified_split(train.y, VAL_FRACTION, seed)
+        parts = {"fit": (train, fit_rows), "val": (train, val_rows), "test": (test, np.arange(len(test.y)))}
+    else:
+        usage = np.asarray(test.usage)
+        parts = {"fit": (train, np.arange(len(train.y))), "val": (test, np.flatnonzero(usage == "public_test")),
+                 "test": (test, np.flatnonzero(usage == "private_test"))}
+    empty = [{"val": "validate"}.get(name, name) for name, (_, rows) in parts.items() if len(rows) == 0]
+    if empty:
+        raise UserError(f"--val {val} leaves no faces to {' or '.join(empty)} on ({len(train.y):,} train, "
+                        f"{len(test.y):,} test faces); use more faces or the other --val")
+    return parts
+
+
+class Feed:
+    """Turns rows of a split into the tokens that enter the tuned blocks, on the device."""
+
+    def __init__(self, encoder: Encoder, tower: Tower, first: int, settings: Settings, device: torch.device):
+        self.encoder, self.tower, self.first, self.settings, self.device = encoder, tower, first, settings, device
+
+    def __call__(self, split: Split, rows: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
+        """Tokens of `rows`; faces go through the frozen lower part (augmented when `gen` is given)."""
+        if not self.settings.from_images:
+            return torch.from_numpy(split.x[rows]).to(self.device, torch.float32)
+        pixels = self.encoder.prep(split.x[rows])
+        if gen is not None and self.settings.augment:
+            pixels = augment(pixels, gen)
+        with torch.no_grad(), _autocast(self.device, self.settings.dtype):
+            return self.tower.lower(pixels, self.first).float()
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=TRAIN_DTYPES[dtype], enabled=dtype != "float32")
+
+
+@torch.no_grad()
+def score_rows(model: TopModel, feed: Feed, split: Split, rows: np.ndarray, batch_size: int,
+               dtype: str) -> tuple[float, float, np.ndarray]:
+    """Mean cross-entropy, accuracy and the logits of `rows`, in batches, no augmentation."""
+    model.eval()
+    logits = []
+    for i in range(0, len(rows), batch_size):
+        with _autocast(feed.device, dtype):
+            logits.append(model(feed(split, rows[i:i + batch_size], None)).float())
+    z = torch.cat(logits)  # `choose_parts` leaves no part empty
+    y = torch.from_numpy(np.asarray(split.y[rows], dtype=np.int64)).to(z.device)
+    return F.cross_entropy(z, y).item(), (z.argmax(1) == y).float().mean().item(), z.cpu().numpy()
+
+
+@dataclass
+class TuneResult:
+    """What `tune` made: the chosen model, its history and where its files are."""
+
+    model: TopModel
+    history: list[dict]
+    best_epoch: int
+    epoch_seconds: list[float]
+    out: Path
+    resumed_from: int = 0  # the epoch a checkpoint resumed from (0: a fresh run)
+    test_logits: np.ndarray | None = field(default=None, repr=False)  # the chosen model's, on the test rows
+    test_rows: np.ndarray | None = field(default=None, repr=False)  # all of test, or PrivateTest's (--val public_test)
+    val_count: int = 0
+
+
+def _data_key(parts: dict[str, tuple[Split, np.ndarray]]) -> str:
+    """A fingerprint of which rows, with which labels, each part holds (a checkpoint must match it)."""
+    h = hashlib.sha256()
+    for name, (split, rows) in parts.items():
+        h.update(name.encode())
+        h.update(np.asarray(split.y[rows], dtype=np.int64).tobytes())
+        h.update("\n".join(split.ids[i] for i in rows).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: TopModel, opt: torch.optim.Optimizer, best: dict[str, torch.Tensor],
+                    gen: torch.Generator, state: dict) -> None:
+    """Everything needed to go on after `state['epoch']`, in one file, renamed into place."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best.items()})
+    opt_state = opt.state_dict()
+    for index, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng.shuffle"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt_state["param_groups"]]
+    meta = {**state, "param_groups": groups}
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={"fercache": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["fercache"])
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it to start over") from None
+
+
+def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: str | os.PathLike,
+         device: str = "auto", restart: bool = False, progress: bool = True) -> TuneResult:
+    """Train the top `settings.blocks` blocks of `encoder` (with `blocks` = depth: all of them).
+
+    `train.x`/`test.x` hold the tokens entering the first tuned block, or faces with
+    `settings.from_images`. Writes `tuned.safetensors` and `tuned.json` (the model chosen on
+    validation) into `out`, with a checkpoint there after every epoch that a rerun resumes from
+    (`restart` discards it); the checkpoint goes once the run is done.
+    """
+    at_least_one(epochs=settings.epochs, batch_size=settings.batch_size, blocks=settings.blocks,
+                 patience=settings.patience)
+    if settings.dtype not in TRAIN_DTYPES:
+        raise UserError(f"--dtype {settings.dtype}: training runs in {' or '.join(TRAIN_DTYPES)}")
+    if settings.lr <= 0 or not 0 < settings.layer_decay <= 1 or not 0 <= settings.label_smoothing < 1:
+        raise UserError(f"need --lr > 0, 0 < --layer-decay <= 1 and 0 <= --label-smoothing < 1 (got {settings.lr}, "
+                        f"{settings.layer_decay}, {settings.label_smoothing})")
+    dev = pick_device(device)
+    tower = Tower.of(encoder.model, f"model '{encoder.identity.model}'")
+    if settings.blocks > tower.depth:
+        raise UserError(f"--blocks {settings.blocks}: model '{encoder.identity.model}' has {tower.depth} blocks")
+    first = tower.depth - settings.blocks
+    parts = choose_parts(train, test, settings.val, settings.seed)
+    feed = Feed(encoder, tower, first, settings, dev)
+    model = TopModel(tower, first, len(CLASSES), settings.seed).to(dev)
+    opt = torch.optim.AdamW(model.param_groups(settings.lr, settings.weight_decay, settings.layer_decay),
+                            lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # dropout, where a model has any
+
+    out = Path(out)
+    ckpt = out / CHECKPOINT
+    identity = encoder.identity.encoder().to_meta()
+    state = {"format": "fercache-finetune-checkpoint", "settings": asdict(settings), "encoder": identity,
+             "data": _data_key(parts), "epoch": 0, "history": [], "epoch_seconds": [], "best_epoch": 0,
+             "best_score": None, "stale": 0}
+    best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if restart:
+        ckpt.unlink(missing_ok=True)
+    resumed_from = 0
+    if ckpt.exists():
+        tensors, saved = load_checkpoint(ckpt)
+        differ = [k for k in ("settings", "encoder", "data") if saved.get(k) != state[k]]
+        if differ:
+            raise UserError(f"{ckpt} is a checkpoint of another run ({', '.join(differ)} differ); "
+                            "use another --out, or --restart to discard it")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        opt_state = {"state": {}, "param_groups": saved.pop("param_groups")}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, index, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(index), {})[name] = value
+        opt.load_state_dict(opt_state)
+        gen.set_state(tensors["rng.shuffle"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and dev.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        state = saved
+        resumed_from = state["epoch"]
+
+    (split, fit_rows), (val_split, val_rows), (test_split, test_rows) = parts["fit"], parts["val"], parts["test"]
+    steps = -(-len(fit_rows) // settings.batch_size)
+    total = steps * settings.epochs
+    y_all = torch.from_numpy(np.asarray(split.y, dtype=np.int64))
+    out.mkdir(parents=True, exist_ok=True)
+    while state["epoch"] < settings.epochs and state["stale"] < settings.patience:
+        epoch = state["epoch"] + 1
+        start = time.perf_counter()
+        model.train()
+        order = fit_rows[torch.randperm(len(fit_rows), generator=gen).numpy()]
+        loss_sum, correct = 0.0, 0
+        with tqdm(total=len(order), unit="img", desc=f"finetune epoch {epoch}/{settings.epochs}",
+                  disable=not progress, dynamic_ncols=True, leave=False) as bar:
+            for i in range(steps):
+                rows = order[i * settings.batch_size:(i + 1) * settings.batch_size]
+                factor = settings.lr_factor((epoch - 1) * steps + i, total)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                x, y = feed(split, rows, gen), y_all[rows].to(dev)
+                with _autocast(dev, settings.dtype):
+                    logits = model(x).float()
+                loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():  # reported as fit reports it: plain cross-entropy, averaged over the epoch
+                    loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                    correct += int((logits.argmax(1) == y).sum())
+                bar.update(len(rows))
+        val_loss, val_acc, _ = score_rows(model, feed, val_split, val_rows, settings.batch_size, settings.dtype)
+        test_loss, test_acc, _ = score_rows(model, feed, test_split, test_rows, settings.batch_size, settings.dtype)
+        state["history"].append({"epoch": epoch, "train_loss": loss_sum / len(order), "train_acc": correct / len(order),
+                                 "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc})
+        state["epoch_seconds"].append(round(time.perf_counter() - start, 3))
+        if state["best_score"] is None or (val_acc, -val_loss) > tuple(state["best_score"]):
+            state["best_score"], state["best_epoch"], state["stale"] = [val_acc, -val_loss], epoch, 0
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch
+        save_checkpoint(ckpt, model, opt, best, gen, state)
+
+    model.load_state_dict(best)
+    save_tuned(out, model, encoder, settings, state)
+    _, _, test_logits = score_rows(model, feed, test_split, test_rows, settings.batch_size, settings.dtype)
+    ckpt.unlink(missing_ok=True)
+    return TuneResult(model, state["history"], state["best_epoch"], state["epoch_seconds"], out, resumed_from,
+                      test_logits, test_rows, len(val_rows))
+
+
+def save_tuned(out: Path, model: TopModel, encoder: Encoder, settings: Settings, state: dict) -> None:
+    """`tuned.safetensors` + `tuned.json`: never a pickle. The old JSON goes first and the new one is
+    written last, so a folder with a `tuned.json` holds the weights it describes."""
+    from safetensors.torch import save_file
+
+    tower_depth = model.first + len(model.blocks)
+    config = {"format": "fercache-tuned", "classes": list(CLASSES),
+              "encoder": encoder.identity.encoder().to_meta(),
+              "first_block": model.first, "blocks": list(range(model.first + 1, tower_depth + 1)),
+              "depth": tower_depth, "parts": model.names, "best_epoch": state["best_epoch"],
+              "settings": asdict(settings)}
+    (out / CONFIG).unlink(missing_ok=True)
+    tmp = out / f"{WEIGHTS}.tmp-{os.getpid()}"
+    save_file(model.tuned_state(), tmp)
+    os.replace(tmp, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+@dataclass
+class Tuned:
+    """A tuned model loaded for use: the base encoder with the tuned tensors swapped in."""
+
+    encoder: Encoder
+    top: TopModel  # the same tuned weights, fed from tokens (for caches with `tokens`)
+    config: dict
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.from_meta(self.config["encoder"])
+
+    @torch.no_grad()
+    def logits_from_tokens(self, tokens: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        self.top.eval()
+        dev = next(self.top.parameters()).device
+        t = torch.as_tensor(tokens)
+        return torch.cat([self.top(t[i:i + batch_size].to(dev, torch.float32)) for i in range(0, len(t), batch_size)]
+                         ).cpu().numpy()
+
+    @torch.no_grad()
+    def logits_from_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The whole base model, tuned blocks swapped in, on 48x48 uint8 faces."""
+        out = []
+        for i in range(0, len(pixels), batch_size):
+            pooled = self.encoder.model(pixel_values=self.encoder.prep(pixels[i:i + batch_size])).pooler_output
+            out.append(self.top.classifier(pooled.float()))
+        return torch.cat(out).cpu().numpy()
+
+
+def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
+    """Read `tuned.json` + `tuned.safetensors`, load the base model they name and swap the tensors in.
+
+    The base model must be the one tuned (same revision, or same weight files for a local folder):
+    otherwise a one-line error, since the untuned blocks below would differ.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise UserError(f"{folder}: not a tuned run (expected {CONFIG} and {WEIGHTS}, made by `fercache finetune`)")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        tensors = load_file(folder / WEIGHTS)
+        wanted = Identity.from_meta(config["encoder"])
+        first = int(config["first_block"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise UserError(f"{folder}: broken tuned run ({type(exc).__name__}: {exc})") from None
+    encoder = load_encoder(wanted.model, wanted.preprocess, device, "float32",  # the very weights it was tuned from
+                           revision=wanted.revision or None, fingerprint=wanted.weights)
+    encoder.identity.check(wanted, f"model '{wanted.model}'", ENCODER,
+                                           hint=f"{folder} was tuned from another version of it")
+    tower = Tower.of(encoder.model, f"model '{wanted.model}'")
+    classifier = {k.removeprefix("classifier."): tensors.pop(k) for k in list(tensors) if k.startswith("classifier.")}
+    result = tower.module.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys or len(classifier) != 2:
+        raise UserError(f"{folder}: broken tuned run (tensors that model '{wanted.model}' lacks: "
+                        f"{(result.unexpected_keys or ['classifier'])[0]})")
+    top = TopModel(tower, first, len(config["classes"])).to(encoder.model.device)
+    top.classifier.load_state_dict(classifier)
+    return Tuned(encoder, top.eval().requires_grad_(False), config)
+
+
+def tokens_of(encoder: Encoder, pixels: np.ndarray, first: int, batch_size: int = 64) -> np.ndarray:
+    """The float32 tokens entering block `first + 1` for 48x48 uint8 faces (the frozen lower part)."""
+    tower = Tower.of(encoder.model)
+    with torch.no_grad():
+        return torch.cat([tower.lower(encoder.prep(pixels[i:i + batch_size]), first).float().cpu()
+                          for i in range(0, len(pixels), batch_size)]).numpy()
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` made: the run folder, the training's result and everything in `metrics.json`."""
+
+    out: Path
+    tuned: TuneResult
+    metrics: dict
+
+
+def parse_blocks(blocks: int | str, depth: int, model: str) -> int:
+    """`--blocks N` or `all` -> how many top blocks to tune (1..depth)."""
+    if blocks == "all":
+        return depth
+    try:
+        n = int(blocks)
+    except ValueError:
+        raise UserError(f"--blocks '{blocks}': expected a number of blocks or 'all'") from None
+    if not 1 <= n <= depth:
+        raise UserError(f"--blocks {n}: model '{model}' has {depth} blocks")
+    return n
+
+
+def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = None, *, from_images: bool = False,
+             data: str | os.PathLike | None = None, model: str | None = None, preprocess: str = "clip",
+             revision: str | None = None, limit: int | None = None, epochs: int = 10, lr: float = 1e-4,
+             batch_size: int = 64, weight_decay: float = 0.05, label_smoothing: float = 0.0,
+             layer_decay: float = 0.75, warmup: float = 0.1, patience: int = 3, val: str = "train", seed: int = 0,
+             device: str = "auto", dtype: str = "auto", augment: bool = True, out: str | os.PathLike | None = None,
+             restart: bool = False, plots: bool = True, progress: bool = True) -> FinetuneResult:
+    """Tune the top `blocks` blocks from a cache's tokens (`extract --tokens K`), or `from_images`
+    of a FER2013 source; report on test and write the run folder (like `fit`'s, plus the tuned weights).
+
+    `blocks` (a number or `all`) defaults to every block above a cache's tokens, or 2 from images.
+    """
+    from fercache.data import open_source
+    from fercache.encoder import pick_dtype
+    from fercache.fit import resolve_cache, score_predictions, test_figures, write_run
+    from fercache.names import DEFAULT_MODEL, default_cache, default_run
+    from fercache.stats import calibration
+
+    choice(val, VALS, "--val")
+    dev = pick_device(device)
+    train_dtype = str(pick_dtype(dtype, dev)).removeprefix("torch.")
+    train_dtype = train_dtype if train_dtype in TRAIN_DTYPES or dtype != "auto" else "float32"
+    if from_images:
+        source = open_source(data)
+        encoder = load_encoder(model or DEFAULT_MODEL, preprocess, device, "float32", revision=revision)
+        images = [source.load(name, limit=limit) for name in ("train", "test")]
+        train, test = (Split(f.pixels, f.labels, f.ids, f.usage) for f in images)
+        where = {"data": {"path": str(source.path), "format": source.format}}
+        source_path = str(source.path)
+        stem = default_cache(encoder.identity.model, encoder.identity.preprocess)
+    else:
+        from fercache.cache import load_tokens, read_identity, read_meta, usage_of
+
+        path = resolve_cache(cache)
+        held = read_identity(path)
+        if model is not None and model != held.model:
+            raise UserError(f"{path} holds the features of model '{held.model}', not '{model}' as asked")
+        if held.tokens is None:
+            raise UserError(f"{path}: no tokens stored; extract them with `fercache extract --tokens K` "
+                            "(K = the blocks below the tuned ones), or tune --from-images")
+        encoder = load_encoder(held.model, held.preprocess, device, "float32", revision=held.revision or None,
+                               fingerprint=held.weights)
+    depth = Tower.of(encoder.model, f"model '{encoder.identity.model}'").depth
+    default = 2 if from_images else depth - held.tokens  # from a cache: every block above its tokens
+    n = parse_blocks(default if blocks is None else blocks, depth, encoder.identity.model)
+    if not from_images:
+        if depth - n != held.tokens:
+            raise UserError(f"{path} stores the tokens entering block {held.tokens + 1} (--tokens {held.tokens}): "
+                            f"tune --blocks {depth - held.tokens} from it, or extract --tokens {depth - n} "
+                            f"for --blocks {n}")
+        splits = []
+        for name in ("train", "test"):
+            t = load_tokens(path, name)
+            splits.append(Split(t.X, t.y, t.ids, usage_of(path, name)))
+        train, test = splits
+        where = {"cache": {"path": str(path), "meta": held.to_meta()}}
+        source_path = read_meta(path).get("source", {}).get("path")
+        stem = path
+    settings = Settings(blocks=n, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                        label_smoothing=label_smoothing, layer_decay=layer_decay, warmup=warmup, patience=patience,
+                        val=val, seed=seed, dtype=train_dtype, from_images=from_images, augment=augment)
+    method = f"finetune-top{n}" + ("-images" if from_images else "")
+    folder = Path(out) if out is not None else default_run(Path(stem), method)
+    start = time.perf_counter()
+    result = tune(encoder, train, test, settings, folder, device, restart, progress)
+    seconds = time.perf_counter() - start
+
+    rows = result.test_rows
+    y, usage = test.y[rows], [test.usage[i] for i in rows]
+    z = torch.from_numpy(result.test_logits)
+    proba = torch.softmax(z, 1).numpy()
+    loss = F.cross_entropy(z, torch.from_numpy(np.asarray(y, dtype=np.int64))).item()
+    test_split = "test" if val == "train" else "private_test"
+    report = score_predictions(y, proba.argmax(1), loss, list(CLASSES), test_split, usage, seed)
+    identity = encoder.identity
+    metrics = {
+        "method": method, "model": identity.model, "preprocess": identity.preprocess, "layer": None,
+        "views": "plain", "val": val, "test_split": test_split, "fit_seconds": round(seconds, 3),
+        **test_figures(report), "calibration": calibration(y, proba),
+        "train_count": len(train.y) - (result.val_count if val == "train" else 0), "val_count": result.val_count,
+        "test_count": len(y), "history": result.history, "blocks": list(range(depth - n + 1, depth + 1)),
+        "from_images": from_images, "best_epoch": result.best_epoch, "epoch_seconds": result.epoch_seconds,
+        "resumed_from_epoch": result.resumed_from, "settings": asdict(settings), **where,
+    }
+    title = f"{identity.model} · {method}"
+    write_run(folder, metrics, list(CLASSES), title,
+              (result.history, "epoch", f"{title}: chosen at epoch {result.best_epoch} on validation")
+              if plots else None,
+              {"id": [test.ids[i] for i in rows], "usage": usage, "label": y, "proba": proba}, source_path)
+    return FinetuneResult(folder, result, metrics)
+
+
+def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, split: str = "test",
+                   out: str | os.PathLike | None = None, device: str = "auto", plots: bool = True) -> dict:
+    """Score a tuned run on one split of a cache that stores the tokens it was tuned from."""
+    from fercache.cache import load_tokens, read_identity, usage_of
+    from fercache.fit import resolve_cache, score_predictions
+    from fercache.report import plot_confusion
+
+    path = resolve_cache(cache)
+    held = read_identity(path)
+    tuned = load_tuned(run, device)
+    held.check(tuned.identity, path, ENCODER, hint=f"{run} was tuned from another encoder")
+    first = int(tuned.config["first_block"])
+    if held.tokens != first:
+        stored = "no tokens" if held.tokens is None else f"the tokens entering block {held.tokens + 1}"
+        raise UserError(f"{path} stores {stored}; {run} needs those entering block {first + 1} "
+                        f"(extract --tokens {first})")
+    t = load_tokens(path, split)
+    logits = tuned.logits_from_tokens(t.X)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(np.asarray(t.y, dtype=np.int64))).item()
+    report = {**score_predictions(t.y, logits.argmax(1), loss, tuned.config["classes"], split, usage_of(path, split)),
+              "head": str(run), "cache": str(path)}
+    folder = Path(out) if out is not None else Path(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"evaluate-{split}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if plots:
+        plot_confusion(report["confusion"], tuned.config["classes"], folder / f"confusion-{split}.png",
+                       f"{tuned.identity.model} · tuned top {len(tuned.config['blocks'])} on {split}: "
+                       f"accuracy {report['accuracy']:.4f}")
+    return report
