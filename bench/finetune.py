@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_finetune import random_clip  # noqa: E402  (the encoder the real-label test uses, at full size)
+from conftest import random_clip  # noqa: E402  (the encoder the real-label test uses, at full size)
 
 from fercache.data import load_images  # noqa: E402
 from fercache.encoder import load_encoder  # noqa: E402

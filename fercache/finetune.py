@@ -513,7 +513,7 @@ def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
     encoder = load_encoder(wanted.model, wanted.preprocess, device, "float32",  # the very weights it was tuned from
                            revision=wanted.revision or None, fingerprint=wanted.weights)
     encoder.identity.check(wanted, f"model '{wanted.model}'", ENCODER,
-                                           hint=f"{folder} was tuned from another version of it")
+                           hint=f"{folder} was tuned from another version of it")
     tower = Tower.of(encoder.model, f"model '{wanted.model}'")
     classifier = {k.removeprefix("classifier."): tensors.pop(k) for k in list(tensors) if k.startswith("classifier.")}
     result = tower.module.load_state_dict(tensors, strict=False)

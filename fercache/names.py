@@ -61,11 +61,6 @@ def feature_name(layer: int | None = None, view: str = "plain", tokens: bool = F
     return name if view == "plain" else f"{view}/{name}"
 
 
-def stored_features(layers: list[int] | tuple[int, ...], views: list[str] | tuple[str, ...]) -> list[str]:
-    """Every feature `extract` stores per split for these layers and views (tokens aside)."""
-    return [feature_name(layer, view) for view in views for layer in (None, *layers)]
-
-
 def default_run(cache: Path, method: str, layer: int | None = None, views: str = "plain") -> Path:
     """`runs/<cache stem>-<method>[-layer<K>][-<views>]`."""
     name = f"{cache.stem}-{method}" + (f"-layer{layer}" if layer is not None else "")

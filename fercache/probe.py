@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
 from fercache.cache import load_embeddings, read_meta
 from fercache.errors import UserError, warn

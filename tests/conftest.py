@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,58 @@ def write_fer_csv(path: Path, pixels: np.ndarray, labels: np.ndarray, usages: li
             px = " ".join([text[v] for v in p.ravel().tolist()])
             f.write(f"{y},{u},{px}\n" if icml else f"{y},{px},{u}\n")
     return path
+
+
+def random_clip(folder, hidden: int = 64, layers: int = 2, position_scale: float = 30.0):
+    """A random CLIP for 48x48 faces (8x8 patches, no resize), position embeddings scaled up."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                             num_hidden_layers=layers, num_attention_heads=4, image_size=48,
+                                             patch_size=8))
+    with torch.no_grad():
+        model.embeddings.position_embedding.weight.mul_(position_scale)
+    model.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(folder)
+    return folder
+
+
+def bytes_to_unicode() -> list[str]:
+    """GPT-2's (and CLIP's) byte-level BPE alphabet: one printable symbol per byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="session")
+def full_clip(tmp_path_factory) -> Path:
+    """A random full CLIPModel (both towers) with a toy byte-level tokenizer, saved offline."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("full-clip")
+    symbols = bytes_to_unicode()
+    assert len(set(symbols)) == 256
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    bos, eos = len(tokens) - 2, len(tokens) - 1
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=len(tokens), max_position_embeddings=77, bos_token_id=bos,
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)
+    return folder

@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from conftest import cli, fake_faces, save_tiny_clip
-from test_probe import full_clip  # noqa: F401  (a fixture: a tiny full CLIP model with a tokenizer)
 from fercache.cache import load_embeddings
 from fercache.checkpoint import fingerprint, resolve
 from fercache.errors import UserError
@@ -85,7 +84,7 @@ def test_a_head_keeps_its_commit_after_main_moves(hub, fer_zip, tmp_path):
     assert not np.allclose(load_embeddings(fresh, "test").X, load_embeddings(cache, "test").X)
 
 
-def test_zeroshot_loads_and_reports_the_commit_a_revision_names(full_clip, fer_zip, tmp_path):  # noqa: F811
+def test_zeroshot_loads_and_reports_the_commit_a_revision_names(full_clip, fer_zip, tmp_path):
     repo = tmp_path / "hub" / "models--org--full-clip"
     shutil.copytree(full_clip, repo / "snapshots" / COMMITS[1])
     (repo / "refs").mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_faces, save_tiny_clip
+from conftest import fake_faces, random_clip, save_tiny_clip
 from fercache import finetune as ft
 from fercache.encoder import load_encoder
 from fercache.errors import UserError
@@ -232,21 +232,6 @@ def test_tuning_the_top_block_beats_the_probe_on_real_labels(real_zip, tmp_path)
                   device="cpu", progress=False)
     tuned = float((result.test_logits.argmax(1) == faces.labels[n:]).mean())
     assert tuned > probe + 0.03, (tuned, probe)
-
-
-def random_clip(folder, hidden: int = 64, layers: int = 2, position_scale: float = 30.0):
-    """A random CLIP for 48x48 faces (8x8 patches, no resize), position embeddings scaled up."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                             num_hidden_layers=layers, num_attention_heads=4, image_size=48,
-                                             patch_size=8))
-    with torch.no_grad():
-        model.embeddings.position_embedding.weight.mul_(position_scale)
-    model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(folder)
-    return folder
 
 
 def test_finetune_from_images_through_the_cli_is_a_first_class_run(fer_zip, tmp_path):

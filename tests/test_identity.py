@@ -15,7 +15,7 @@ from fercache.errors import UserError
 from fercache.fit import evaluate, fit
 from fercache.heads import Head
 from fercache.identity import CACHE, ENCODER, Identity
-from fercache.names import CLASSES, feature_name, stored_features
+from fercache.names import CLASSES, feature_name
 
 BASE = Identity("org/model", "clip", "pooler_output", "float32", image_size=224, revision="a" * 40,
                 layers=(6,), views=("plain", "flip"), source="sha256:" + "0" * 64)
@@ -47,9 +47,7 @@ def test_unknown_optional_values_match_known_ones_but_two_known_must_agree():
 
 def test_one_rule_names_every_stored_feature():
     assert feature_name() == "embeddings" and feature_name(3) == "layers/3" and feature_name(tokens=True) == "tokens"
-    assert feature_name(3, "flip") == "flip/layers/3"
-    assert stored_features((1, 2), ("plain", "flip")) == ["embeddings", "layers/1", "layers/2", "flip/embeddings",
-                                                          "flip/layers/1", "flip/layers/2"]
+    assert feature_name(3, "flip") == "flip/layers/3" and feature_name(tokens=True, view="flip") == "flip/tokens"
 
 
 def write_v010_cache(path, dim=8, n=70):

@@ -49,45 +49,6 @@ def tiny3(tmp_path_factory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny3"), layers=3, seed=1)
 
 
-def bytes_to_unicode() -> list[str]:
-    """GPT-2's (and CLIP's) byte-level BPE alphabet: one printable symbol per byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-@pytest.fixture(scope="module")
-def full_clip(tmp_path_factory) -> Path:
-    """A random full CLIPModel (both towers) with a toy byte-level tokenizer, saved offline."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("full-clip")
-    symbols = bytes_to_unicode()
-    assert len(set(symbols)) == 256
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    bos, eos = len(tokens) - 2, len(tokens) - 1
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=len(tokens), max_position_embeddings=77, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=32),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor().save_pretrained(folder)
-    return folder
-
-
 def as_rgb(pixels: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(p).convert("RGB") for p in pixels]
 
