@@ -21,7 +21,8 @@ if [[ "${1:-}" == --check ]]; then check=1; shift; fi
 [[ -f "$data" ]] || { echo "bench/gpu.sh: $data not found (set FERCACHE_BENCH_DATA)" >&2; exit 2; }
 
 py=${PYTHON:-python3}
-deps='import torch, transformers, h5py, cv2, typer, tqdm, sklearn, safetensors, PIL, matplotlib'
+deps='import torch, transformers, h5py, cv2, typer, tqdm, sklearn, safetensors, PIL, matplotlib, scipy
+assert tuple(map(int, transformers.__version__.split(".")[:2])) >= (4, 56), "transformers < 4.56"'
 ready=$deps
 if [[ $check == 0 ]]; then ready="$deps; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'"; fi
 if ! "$py" -c "$ready" 2>/dev/null; then
@@ -30,7 +31,7 @@ if ! "$py" -c "$ready" 2>/dev/null; then
   if ! "$py" -c "$deps" 2>/dev/null; then
     "$py" -m pip install -q --upgrade pip
     "$py" -c 'import torch' 2>/dev/null || "$py" -m pip install -q torch
-    "$py" -m pip install -q -e .
+    "$py" -m pip install -q -e .  # also upgrades a preinstalled transformers older than the floor
   fi
   "$py" -c "$ready"  # says why, if torch still sees no GPU
 fi
@@ -38,7 +39,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fercache from this checko
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false  # the model is made here: nothing to fetch
 
 echo "CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p') ($(nproc) cores)"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+command -v nvidia-smi >/dev/null && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
 "$py" -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")'
 start=$SECONDS
 if [[ $check == 1 ]]; then

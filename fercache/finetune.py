@@ -628,7 +628,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     proba = torch.softmax(z, 1).numpy()
     loss = F.cross_entropy(z, torch.from_numpy(np.asarray(y, dtype=np.int64))).item()
     test_split = "test" if val == "train" else "private_test"
-    report = score_predictions(y, proba.argmax(1), loss, list(CLASSES), test_split, usage, seed)
+    report = score_predictions(y, proba.argmax(1), loss, list(CLASSES), test_split, usage)
     identity = encoder.identity
     metrics = {
         "method": method, "model": identity.model, "preprocess": identity.preprocess, "layer": None,

@@ -55,20 +55,21 @@ def score(head: Head, emb: Embeddings, usage: list[str] | None = None) -> dict:
 
 
 def score_predictions(y: np.ndarray, pred: np.ndarray, loss: float, classes: list[str], split: str,
-                      usage: list[str] | None = None, seed: int = 0) -> dict:
+                      usage: list[str] | None = None) -> dict:
     """The report of any model's predictions on one split (a head's, or a tuned model's).
 
     Every figure comes with its 95% bootstrap interval (`<figure>_low`, `<figure>_high`, see
-    `stats.intervals`). With the rows' usage (`usage_of`) and more than one usage among them, also
+    `stats.intervals`), always drawn with the same bootstrap seed, whatever the fit's, so that
+    `evaluate` reproduces `fit`'s intervals exactly. With the rows' usage (`usage_of`) and more than one usage among them, also
     the figures of each part: `public_test_accuracy` (and `_macro_f1`, intervals) for the test split.
     """
     out = {"split": split, "count": len(y), "loss": loss, **classification_metrics(y, pred, classes),
-           **_bounds(intervals(y, pred, seed=seed))}
+           **_bounds(intervals(y, pred))}
     if usage is not None and len(set(usage)) > 1:
         usage_arr = np.array(usage)
         for part in sorted(set(usage)):
             mask = usage_arr == part
-            figures = intervals(y[mask], pred[mask], seed=seed)
+            figures = intervals(y[mask], pred[mask])
             out.update({f"{part}_{k}": figures[k] for k in _INTERVAL_KEYS})
     return out
 
@@ -133,7 +134,7 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     proba = head.predict_proba(test.X)
     usage = usage_of(path, test_split)
     report = score_predictions(test.y, proba.argmax(1), head.score(test.X, test.y)[0], head.classes, test_split,
-                               usage, seed)
+                               usage)
     meta = {k: v for k, v in train.meta.items() if k != "split"}
     metrics = {
         "method": method, "model": meta.get("model"), "preprocess": meta.get("preprocess"), "layer": layer,

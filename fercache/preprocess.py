@@ -21,6 +21,7 @@ the reference, as it is transformers 4's only one.)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,11 @@ def _per_channel(value) -> np.ndarray:
     return np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))
 
 
+# Processors that only resize, centre-crop, rescale and normalise, each setting read from the
+# processor (LeViT's resize rule, MobileViT's channel flip and others are not modelled).
+PIPELINES = ("CLIP", "Siglip", "ViT", "DeiT", "Bit", "ConvNext", "EfficientNet")
+
+
 def recipe_for(name: str, processor, image_size: int) -> Recipe:
     """The recipe `name` for a model, given its image processor (needed for `clip` only).
 
@@ -93,6 +99,9 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
     if name != "clip":
         raise UserError(f"unknown preprocessing '{name}': choose one of {', '.join(PREPROCESS)}")
     kind = type(processor).__name__
+    if re.sub(r"ImageProcessor(Pil|Fast)?$", "", kind) not in PIPELINES:
+        raise UserError(f"{kind}: not one of the image processors fercache reproduces exactly "
+                        f"({', '.join(p + 'ImageProcessor' for p in PIPELINES)}); try --preprocess seed")
     resize = crop = SIZE
     if getattr(processor, "do_resize", True):
         size = processor.size
