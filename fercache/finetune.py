@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from fercache.encoder import Encoder, load_encoder, pick_device
 from fercache.errors import UserError, at_least_one
+from fercache.families import pooled
 from fercache.identity import ENCODER, Identity
 from fercache.logreg import stratified_split
 from fercache.names import CLASSES, TUNED_CONFIG, VALS, choice
@@ -76,7 +77,12 @@ class Tower:
 
     @classmethod
     def of(cls, model: nn.Module, where: str = "this model") -> Tower:
-        tower = getattr(model, "vision_model", model)  # transformers 4 nests CLIP's tower, 5 does not
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:  # its towers are built otherwise (not tested)
+            raise UserError(f"stage three needs transformers 5 or newer (this is {transformers.__version__}): "
+                            "pip install -U transformers")
+        tower = getattr(model, "vision_model", model)  # a full CLIP checkpoint holds its tower there
         blocks = next((n for n in BLOCK_LISTS if isinstance(_get(tower, n), nn.ModuleList)), None)
         norm = next((n for n in NORMS if isinstance(_get(tower, n), nn.Module)), None)
         pooler = next((n for n in POOLERS if isinstance(_get(tower, n), nn.Module)), None)
@@ -313,8 +319,9 @@ def save_checkpoint(path: Path, model: TopModel, opt: torch.optim.Optimizer, bes
             tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
     tensors["rng.shuffle"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the generator of the GPU it trains on (cuda:1 is not the current one)
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt_state["param_groups"]]
     meta = {**state, "param_groups": groups}
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -389,7 +396,7 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
         gen.set_state(tensors["rng.shuffle"])
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
         state = saved
         resumed_from = state["epoch"]
 
@@ -486,8 +493,8 @@ class Tuned:
         """The whole base model, tuned blocks swapped in, on 48x48 uint8 faces."""
         out = []
         for i in range(0, len(pixels), batch_size):
-            pooled = self.encoder.model(pixel_values=self.encoder.prep(pixels[i:i + batch_size])).pooler_output
-            out.append(self.top.classifier(pooled.float()))
+            out_i = self.encoder.model(pixel_values=self.encoder.prep(pixels[i:i + batch_size]))
+            out.append(self.top.classifier(pooled(self.encoder.family, out_i).float()))
         return torch.cat(out).cpu().numpy()
 
 
@@ -515,11 +522,13 @@ def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
     encoder.identity.check(wanted, f"model '{wanted.model}'", ENCODER,
                            hint=f"{folder} was tuned from another version of it")
     tower = Tower.of(encoder.model, f"model '{wanted.model}'")
+    expected = set(TopModel(tower, first, len(config["classes"])).tuned_state())
+    if set(tensors) != expected:  # a tensor missing would leave the base weights in silently
+        odd = sorted(set(tensors) ^ expected)
+        raise UserError(f"{folder}: broken tuned run ({len(odd)} tensor(s) missing or unknown to model "
+                        f"'{wanted.model}', e.g. {odd[0]})")
     classifier = {k.removeprefix("classifier."): tensors.pop(k) for k in list(tensors) if k.startswith("classifier.")}
-    result = tower.module.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys or len(classifier) != 2:
-        raise UserError(f"{folder}: broken tuned run (tensors that model '{wanted.model}' lacks: "
-                        f"{(result.unexpected_keys or ['classifier'])[0]})")
+    tower.module.load_state_dict(tensors, strict=False)  # the tuned part only: the rest is the base model's
     top = TopModel(tower, first, len(config["classes"])).to(encoder.model.device)
     top.classifier.load_state_dict(classifier)
     return Tuned(encoder, top.eval().requires_grad_(False), config)
@@ -590,6 +599,9 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
 
         path = resolve_cache(cache)
         held = read_identity(path)
+        given = [f"--{k}" for k, v in (("data", data), ("limit", limit), ("revision", revision)) if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)}: for --from-images; a cache fixes its data and model ({path})")
         if model is not None and model != held.model:
             raise UserError(f"{path} holds the features of model '{held.model}', not '{model}' as asked")
         if held.tokens is None:

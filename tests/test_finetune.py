@@ -96,6 +96,34 @@ def test_token_path_equals_the_full_model_with_the_tuned_weights(clip3, tmp_path
     assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
 
 
+@pytest.mark.parametrize("family, processor", [
+    ("siglip", dict(cls="SiglipImageProcessor", size={"height": 32, "width": 32})),
+    ("dinov2", dict(cls="BitImageProcessor", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+    ("vit", dict(cls="ViTImageProcessor", size={"height": 32, "width": 32})),
+])
+def test_a_tuned_run_of_every_family_gives_the_logits_its_tokens_give(family, processor, tmp_path):
+    import transformers
+
+    tiny_towers()[family].save_pretrained(tmp_path / "model")
+    getattr(transformers, processor.pop("cls"))(**processor).save_pretrained(tmp_path / "model")
+    encoder = load_encoder(str(tmp_path / "model"), "clip", "cpu", "float32")
+    train, test = splits(encoder, first=1, n_train=42, n_test=14)
+    tune(encoder, train, test, Settings(blocks=2, epochs=1, lr=1e-3, batch_size=16), tmp_path / "run",
+         device="cpu", progress=False)
+    tuned = load_tuned(tmp_path / "run", device="cpu")
+    faces = fake_faces(6, 3)[0]
+    np.testing.assert_allclose(tuned.logits_from_tokens(tokens_of(encoder, faces, 1)), tuned.logits_from_pixels(faces),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_4_is_a_one_line_error(clip3, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.56.0")
+    with pytest.raises(UserError, match=r"stage three needs transformers 5 or newer \(this is 4.56.0\)"):
+        Tower.of(clip3[1].model)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(clip3, tmp_path, monkeypatch):
     _, encoder = clip3
     train, test = splits(encoder, first=1)
@@ -377,3 +405,23 @@ def test_finetune_from_a_token_cache_through_the_cli(token_cache, tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         lines = [line for line in out.stderr.splitlines() if line.startswith("fercache: error:")]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_options_a_token_cache_fixes_are_refused_not_ignored(token_cache, tmp_path):
+    for option in ({"limit": 5}, {"revision": "main"}, {"data": "elsewhere.zip"}):
+        with pytest.raises(UserError, match=f"--{next(iter(option))}: for --from-images; a cache fixes"):
+            ft.finetune(token_cache[2], out=tmp_path / "run", device="cpu", progress=False, **option)
+
+
+def test_a_tuned_run_missing_a_tensor_is_refused_not_filled_from_the_base(clip3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, encoder = clip3
+    train, test = splits(encoder, first=2, n_train=42, n_test=14)
+    tune(encoder, train, test, Settings(blocks=1, epochs=1, batch_size=16), tmp_path / "run", device="cpu",
+         progress=False)
+    tensors = load_file(tmp_path / "run" / "tuned.safetensors")
+    dropped = next(k for k in tensors if k.endswith("mlp.fc1.weight"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "run" / "tuned.safetensors")
+    with pytest.raises(UserError, match=rf"broken tuned run \(1 tensor\(s\) missing .* e.g. {dropped}"):
+        load_tuned(tmp_path / "run", device="cpu")
