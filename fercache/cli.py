@@ -105,11 +105,14 @@ def _echo_fit(result) -> None:
         typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
     else:
         search = m["logreg"]
-        keys = ["C", "val_loss", "val_acc", "val_se", "n_iter", "converged"]
+        keys = [k for k in ("C", "val_loss", "val_acc", "val_se", "val_bacc", "val_bacc_se", "n_iter", "converged")
+                if k in search["validation"][0]]
         typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in search["validation"]]))
         where = "PublicTest" if search["val"] == "given" else f"a {search['val_fraction']:.0%} validation part of train"
         typer.echo(f"chosen C = {search['C']:g} on {where} ({search['val_count']:,} faces): the strongest "
-                   f"regularisation within one SE of the best (C = {search['best_val_C']:g})")
+                   f"regularisation within one SE of the best "
+                   f"{'balanced accuracy' if search['criterion'] == 'val_bacc' else 'accuracy'} "
+                   f"(C = {search['best_val_C']:g})")
 
     def figure(key: str, name: str) -> str:
         low, high = m.get(f"{key}_low"), m.get(f"{key}_high")

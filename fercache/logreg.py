@@ -13,7 +13,8 @@ Why the one-standard-error rule: on FER2013 a random part of train is an optimis
 guide (validation accuracy barely separates C=0.003 from C=10 while test accuracy falls by seven
 points), so the single best validation score picks noise. Among the Cs whose validation accuracy
 is within one binomial standard error, sqrt(a (1 - a) / n_val), of the best, the smallest C (the
-strongest regularisation) is taken.
+strongest regularisation) is taken. With balanced class weights the criterion is what they aim
+at, balanced accuracy (its standard error: sqrt(sum over classes r (1 - r) / n_c) / K).
 """
 
 from __future__ import annotations
@@ -200,24 +201,29 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
         X_val, y_val = ((np.asarray(val[0], dtype=np.float32) - mean) / std).astype(np.float32), np.asarray(val[1])
         problem = Problem(Xs, y, weights, device)
     curve, solutions = [], []
+    # What chooses C: accuracy, or with balanced class weights what they aim at, balanced accuracy
+    score, se = ("val_bacc", "val_bacc_se") if class_weight == "balanced" else ("val_acc", "val_se")
 
     def step(C: float, start: tuple | None) -> None:
         theta, info = minimise(problem, C, None if start is None else problem.theta_of(*start, C))
         solution = problem.weights(theta, C)
-        loss, acc = _head(*solution, standardize).score(X_val, y_val)
+        head = _head(*solution, standardize)
+        loss, acc = head.score(X_val, y_val)
+        row = {"C": C, "val_loss": loss, "val_acc": acc, "val_se": float(np.sqrt(acc * (1 - acc) / len(y_val)))}
+        if class_weight == "balanced":
+            row.update(zip(("val_bacc", "val_bacc_se"), balanced_accuracy(y_val, head.predict(X_val))))
         at = 0 if curve and C < curve[0]["C"] else len(curve)
         solutions.insert(at, solution)
-        curve.insert(at, {"C": C, "val_loss": loss, "val_acc": acc, "val_se": float(np.sqrt(acc * (1 - acc) / len(y_val))),
-                          "n_iter": info["n_iter"], "converged": info["converged"]})
+        curve.insert(at, {**row, "n_iter": info["n_iter"], "converged": info["converged"]})
 
     for C in grid:  # strong to weak regularisation, each fit from the previous solution
         step(C, solutions[-1] if solutions else None)
-        if len(curve) - 1 - max(range(len(curve)), key=lambda i: curve[i]["val_acc"]) >= PATIENCE:
+        if len(curve) - 1 - max(range(len(curve)), key=lambda i: curve[i][score]) >= PATIENCE:
             break
-    while max(range(len(curve)), key=lambda i: curve[i]["val_acc"]) == 0 and curve[0]["C"] > MIN_C:
+    while max(range(len(curve)), key=lambda i: curve[i][score]) == 0 and curve[0]["C"] > MIN_C:
         step(curve[0]["C"] / np.sqrt(10), solutions[0])  # the best is the strongest tried: go on down
-    best = max(curve, key=lambda r: r["val_acc"])
-    chosen = next(i for i, r in enumerate(curve) if r["val_acc"] >= best["val_acc"] - best["val_se"])
+    best = max(curve, key=lambda r: r[score])
+    chosen = next(i for i, r in enumerate(curve) if r[score] >= best[score] - best[se])
     C, solution = curve[chosen]["C"], solutions[chosen]
     final = {"n_iter": curve[chosen]["n_iter"], "converged": curve[chosen]["converged"]}
     if val is None:  # refit on every training row, from the validation fit's solution
@@ -228,13 +234,21 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
     if stalled:
         warn(f"logistic regression: the fit at {', '.join(stalled)} did not converge (largest gradient component "
              f"still above {TOL:g} after at most {MAX_ITER} iterations); its figures are approximate")
-    search = {"C": C, "rule": "one standard error", "best_val_C": best["C"], "class_weight": class_weight,
+    search = {"C": C, "rule": "one standard error", "criterion": score, "best_val_C": best["C"],
+              "class_weight": class_weight,
               "val": "given" if val is not None else f"{VAL_FRACTION:.0%} of train", "val_count": int(len(y_val)),
               "val_fraction": VAL_FRACTION if val is None else None, "validation": curve,
               "n_iter": final["n_iter"], "converged": final["converged"]}
     head = _head(*solution, standardize).without_absent(y)
     head.mean, head.std = mean, std
     return head, search
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """Mean recall over the classes present, and its standard error: sqrt(sum r (1 - r) / n_c) / K."""
+    recalls = [(float(np.mean(pred[y == c] == c)), int(np.sum(y == c))) for c in np.unique(y)]
+    return (float(np.mean([r for r, _ in recalls])),
+            float(np.sqrt(sum(r * (1 - r) / n for r, n in recalls)) / len(recalls)))
 
 
 def _head(weight: np.ndarray, bias: np.ndarray, standardize: bool) -> Head:

@@ -112,3 +112,21 @@ def test_the_walk_goes_on_down_while_the_strongest_c_tried_is_the_best():
     assert Cs == sorted(Cs) and Cs[0] < 10.0  # went below the grid
     best = max(search["validation"], key=lambda r: r["val_acc"])
     assert best["C"] > Cs[0] or Cs[0] <= 1e-8 * np.sqrt(10)  # stopped once the best was no longer the edge
+
+
+def test_balanced_weights_choose_c_on_balanced_accuracy():
+    from fercache.logreg import balanced_accuracy
+
+    X, y = blobs(700, 10, 0.5, seed=3)
+    keep = (y != 1) | (np.arange(len(y)) % 10 == 0)  # a rare class, as disgust is
+    X, y = X[keep], y[keep]
+    head, search = fit_logreg(X, y, class_weight="balanced")
+    assert search["criterion"] == "val_bacc"
+    curve = search["validation"]
+    best = max(curve, key=lambda r: r["val_bacc"])
+    assert search["best_val_C"] == best["C"]
+    assert search["C"] == min(r["C"] for r in curve if r["val_bacc"] >= best["val_bacc"] - best["val_bacc_se"])
+    y_small, pred = np.array([0, 0, 1, 1, 1, 1]), np.array([0, 1, 1, 1, 1, 0])
+    assert balanced_accuracy(y_small, pred) == pytest.approx(
+        (0.625, np.sqrt(0.5 * 0.5 / 2 + 0.75 * 0.25 / 4) / 2))
+    assert fit_logreg(X, y)[1]["criterion"] == "val_acc"
