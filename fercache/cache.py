@@ -145,8 +145,9 @@ def read_meta(path: Path) -> dict:
 
 def read_identity(path: Path) -> Identity:
     """The identity a cache records (fercache 0.1.0 caches included); not a cache is a `UserError`."""
+    meta = read_meta(path)  # a missing or unreadable file says so itself
     try:
-        return Identity.from_meta(read_meta(path))
+        return Identity.from_meta(meta)
     except UserError as exc:
         raise UserError(f"{path}: an HDF5 file, but not a fercache cache ({exc})") from None
 
@@ -196,7 +197,6 @@ class PartFile:
             self.file.flush()
             _fsync_folder(path.parent)  # the new part's name survives a power cut too
         self.rows, self.consumed = int(self.file.attrs["rows"]), int(self.file.attrs["consumed"])
-        self.flushed = self.rows
 
     @staticmethod
     def _resume(path: Path, meta: dict, shard: str, fresh: bool) -> h5py.File | None:
@@ -240,7 +240,6 @@ class PartFile:
         self.file.attrs.update({"rows": self.rows, "consumed": self.consumed, "done": done})
         self.file.flush()
         os.fsync(fd)
-        self.flushed = self.rows
 
     def close(self) -> None:
         self.file.close()

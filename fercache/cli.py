@@ -18,8 +18,8 @@ from typing import Optional
 import typer
 
 from fercache.errors import FERCacheWarning, UserError
-from fercache.names import CLASS_WEIGHTS, VALS
-from fercache.names import DEFAULT_MODEL, METHODS, PREPROCESS, SPLIT_CHOICES, TTA, VIEWS, default_cache
+from fercache.names import (CLASS_WEIGHTS, DEFAULT_MODEL, METHODS, PREPROCESS, SPLIT_CHOICES, TTA, VALS, VIEWS,
+                            default_cache)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="FER2013 emotion recognition on cached frozen CLIP embeddings: "
@@ -57,7 +57,8 @@ MethodOpt = typer.Option(METHODS[0], help="linear: nn.Linear + Adam (the referen
 ValOpt = typer.Option(VALS[0], "--val", help="What chooses (logreg's C, probe's layer): train, a stratified 20% of "
                       "train; public_test: PublicTest, and test is PrivateTest (the challenge's protocol). Never test.")
 ClassWeightOpt = typer.Option(CLASS_WEIGHTS[0], "--class-weight", help="none, or balanced: weigh each class's "
-                              "loss by n / (7 x its rows), so rare classes (disgust) count as much as common ones.")
+                              "loss by n / (classes present x its rows), so rare classes (disgust) count as much as common ones; logreg "
+                              "then chooses C on balanced accuracy.")
 EpochsOpt = typer.Option(20, help="Epochs of the linear head.")
 
 
@@ -96,7 +97,7 @@ def _stage_one(device: str, file_locking: bool) -> Iterator[tuple[str, int]]:
 
 def _echo_fit(result) -> None:
     """The epoch table (or logreg's C search), the test figures and where the files are."""
-    from fercache.report import format_table
+    from fercache.report import format_table, with_interval
 
     m = result.metrics
     if m["method"] != "logreg":  # linear, and finetune's, whose rows add validation
@@ -115,8 +116,7 @@ def _echo_fit(result) -> None:
                    f"(C = {search['best_val_C']:g})")
 
     def figure(key: str, name: str) -> str:
-        low, high = m.get(f"{key}_low"), m.get(f"{key}_high")
-        return f"{name} {m[key]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+        return f"{name} {with_interval(m, key)}"
 
     halves = [figure(f"{half}_test_accuracy", half) for half in ("public", "private")
               if m.get(f"{half}_test_accuracy") is not None and m.get("test_split", "test") == "test"]
@@ -315,14 +315,13 @@ def evaluate(
 ) -> None:
     """Score a saved head on a split of a cache made with the same model and preprocessing."""
     from fercache.fit import evaluate as run_evaluate
-    from fercache.report import format_table
+    from fercache.report import format_table, with_interval
 
     report = run_evaluate(cache, head, split, out)
     if as_json:
         return _emit(report)
     def figure(key: str) -> str:
-        low, high = report.get(f"{key}_low"), report.get(f"{key}_high")
-        return f"{report[key]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+        return with_interval(report, key)
 
     parts = "".join(f", {k.removesuffix('_accuracy')} {figure(k)}" for k in report
                     if k.endswith("_test_accuracy"))

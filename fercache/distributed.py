@@ -15,6 +15,7 @@ would end. A rank that dies is not waited for that long: torchrun stops the othe
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,16 @@ def rank_and_world() -> tuple[int, int]:
 # once; a machine that vanishes whole is waited for this long): FERCACHE_DIST_TIMEOUT seconds.
 CONTROL_TIMEOUT = timedelta(seconds=float(os.environ.get("FERCACHE_DIST_TIMEOUT", 24 * 3600)))
 _control: list[Any] = []  # [the default group, the gloo group fercache's collectives use with it]
+
+
+@atexit.register
+def _release_control() -> None:
+    """Let go of a control group made inside a caller's group while the interpreter still runs.
+
+    Held until the interpreter's own teardown, its gloo threads can still be joinable when their
+    C++ objects go, which ends the process with `terminate called without an active exception`.
+    """
+    _control.clear()
 
 
 def control_group() -> Any:

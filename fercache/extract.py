@@ -121,6 +121,9 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                    fingerprint=identity.weights, tokens=tokens)
             # now with image_size, which needs the image processor
             identity = dataclasses.replace(identity, image_size=encoder.identity.image_size)
+            shapes = {feature_name(k, v): (encoder.dims[k],) for v in identity.views for k in (None, *identity.layers)}
+            if identity.tokens is not None:
+                shapes[feature_name(tokens=True)] = encoder.token_shape()  # a forward pass: once, not per split
         meta = cache_meta(identity, encoder.dim, {"path": str(source.path), "format": source.format,
                                                   "fingerprint": fingerprint})
     for name, selection in todo:
@@ -136,9 +139,6 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                 "or a smaller --batch-size")
             bounds = np.minimum(np.linspace(0, batches, world + 1).astype(int) * batch_size, len(entries))
             mine = entries[bounds[rank]:bounds[rank + 1]]
-            shapes = {feature_name(k, v): (encoder.dims[k],) for v in identity.views for k in (None, *identity.layers)}
-            if identity.tokens is not None:
-                shapes[feature_name(tokens=True)] = encoder.token_shape()
             # --force starts only its own part anew: the other ranks are writing theirs
             part = PartFile(parts[rank], meta, shard_digest([e.id for e in mine]), len(mine), shapes, batch_size,
                             fresh=force)

@@ -595,7 +595,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         source_path = str(source.path)
         stem = default_cache(encoder.identity.model, encoder.identity.preprocess)
     else:
-        from fercache.cache import load_tokens, read_identity, read_meta, usage_of
+        from fercache.cache import load_tokens, read_identity, usage_of
 
         path = resolve_cache(cache)
         held = read_identity(path)
@@ -623,7 +623,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
             splits.append(Split(t.X, t.y, t.ids, usage_of(path, name)))
         train, test = splits
         where = {"cache": {"path": str(path), "meta": held.to_meta()}}
-        source_path = read_meta(path).get("source", {}).get("path")
+        source_path = t.meta.get("source", {}).get("path")
         stem = path
     settings = Settings(blocks=n, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         label_smoothing=label_smoothing, layer_decay=layer_decay, warmup=warmup, patience=patience,

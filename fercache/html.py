@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fercache.names import CLASSES, SPLITS
+from fercache.report import interval
 
 REPORT = "report.html"
 FIGURES = (("confusion.png", "Confusion matrix (test)"), ("curves.png", "Training curves"),
@@ -80,13 +81,6 @@ def confident_mistakes(y: np.ndarray, proba: np.ndarray, top: int = GALLERY) -> 
     return wrong[np.argsort(-confidence[wrong], kind="stable")][:top]
 
 
-def _figure(value: float | None, low: float | None = None, high: float | None = None) -> str:
-    if value is None:
-        return "-"
-    ci = f' <span class="ci">[{low:.4f}, {high:.4f}]</span>' if low is not None and high is not None else ""
-    return f"{value:.4f}{ci}"
-
-
 def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | None = None,
                  source: str | os.PathLike | None = None) -> Path:
     """Write `folder/report.html` from a run's `metrics.json` content, its PNGs and its predictions.
@@ -111,7 +105,7 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
     parts.append("<h2>Test figures</h2><table><tr><th>figure</th><th>value [95% interval]</th></tr>")
     for name, key in rows:
         if m.get(key) is not None:
-            parts.append(f"<tr><td>{name}</td><td>{_figure(m[key], m.get(key + '_low'), m.get(key + '_high'))}</td></tr>")
+            parts.append(f'<tr><td>{name}</td><td>{m[key]:.4f} <span class="ci">{interval(m, key)}</span></td></tr>')
     if m.get("calibration"):
         parts.append(f"<tr><td>expected calibration error</td><td>{m['calibration']['ece']:.4f}</td></tr>")
     if m.get("test_loss") is not None:

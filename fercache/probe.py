@@ -17,6 +17,7 @@ from pathlib import Path
 from fercache.cache import load_embeddings, read_meta
 from fercache.errors import UserError, warn
 from fercache.names import CLASS_WEIGHTS, METHODS, POOLED, VALS, choice
+from fercache.report import interval
 
 COMPARE_COLUMNS = ("model", "preprocess", "method", "views", "layer", "test_accuracy", "macro_f1",
                    "test_accuracy_low", "test_accuracy_high", "balanced_accuracy", "test_split")
@@ -66,7 +67,7 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
             head, _ = fit_linear(X, y, seed=seed, class_weight=class_weight)
         else:
             head, _ = fit_logreg(X, y, seed=seed, class_weight=class_weight, val=(X_val, y_val))
-        figures = intervals(test.y, head.predict(test.X), seed=seed)
+        figures = intervals(test.y, head.predict(test.X))  # the bootstrap seed `fit` uses too
         rows.append({"layer": POOLED if layer is None else layer, "dim": int(X.shape[1]),
                      "train_accuracy": head.score(X, y)[1], "val_accuracy": head.score(X_val, y_val)[1],
                      "test_accuracy": figures["accuracy"], "test_accuracy_low": figures["accuracy_low"],
@@ -175,14 +176,10 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     def text(v: object) -> object:
         return "+".join(map(str, v)) if isinstance(v, list) else v
 
-    def interval(r: dict) -> str:
-        low, high = r.get("test_accuracy_low"), r.get("test_accuracy_high")
-        return f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else "-"
-
     headers = ["run", "model", "preprocessing", "method", "views", "layer", "test accuracy", "95% interval",
                "macro-F1", "p vs best (Holm)"]
     cells = [[r["run"], *(text(r[k]) for k in COMPARE_COLUMNS[:4]), POOLED if r["layer"] is None else r["layer"],
-              r["test_accuracy"], interval(r), r["macro_f1"],
+              r["test_accuracy"], interval(r, "test_accuracy") or "-", r["macro_f1"],
               "-" if r["p_value"] is None else f"{r['p_value']:.3g}"] for r in rows]
     return headers, cells
 
@@ -191,4 +188,4 @@ def probe_table(result: dict) -> tuple[list[str], list[list]]:
     """Headers and cells of `fercache probe`'s table."""
     headers = ["layer", "dim", "train accuracy", "val accuracy", "test accuracy", "95% interval"]
     return headers, [[str(r["layer"]), r["dim"], r["train_accuracy"], r["val_accuracy"], r["test_accuracy"],
-                      f"[{r['test_accuracy_low']:.4f}, {r['test_accuracy_high']:.4f}]"] for r in result["layers"]]
+                      interval(r, "test_accuracy")] for r in result["layers"]]

@@ -28,6 +28,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+def interval(figures: dict, key: str) -> str:
+    """`[low, high]` of a figure's 95% interval as `figures` stores it (`<key>_low`, `<key>_high`); "" if none."""
+    low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
+    return f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+
+
+def with_interval(figures: dict, key: str) -> str:
+    """A figure and its 95% interval, as the CLI prints it: `0.6523 [0.6412, 0.6634]`."""
+    return f"{figures[key]:.4f} {interval(figures, key)}".rstrip()
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
     """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows = true).
 
