@@ -663,8 +663,7 @@ def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, spli
                    out: str | os.PathLike | None = None, device: str = "auto", plots: bool = True) -> dict:
     """Score a tuned run on one split of a cache that stores the tokens it was tuned from."""
     from fercache.cache import load_tokens, read_identity, usage_of
-    from fercache.fit import resolve_cache, score_predictions
-    from fercache.report import plot_confusion
+    from fercache.fit import resolve_cache, score_predictions, write_evaluation
 
     path = resolve_cache(cache)
     held = read_identity(path)
@@ -680,11 +679,5 @@ def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, spli
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(np.asarray(t.y, dtype=np.int64))).item()
     report = {**score_predictions(t.y, logits.argmax(1), loss, tuned.config["classes"], split, usage_of(path, split)),
               "head": str(run), "cache": str(path)}
-    folder = Path(out) if out is not None else Path(run)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"evaluate-{split}.json").write_text(json.dumps(report, indent=2) + "\n")
-    if plots:
-        plot_confusion(report["confusion"], tuned.config["classes"], folder / f"confusion-{split}.png",
-                       f"{tuned.identity.model} · tuned top {len(tuned.config['blocks'])} on {split}: "
-                       f"accuracy {report['accuracy']:.4f}")
-    return report
+    title = f"{tuned.identity.model} · tuned top {len(tuned.config['blocks'])} on {split}"
+    return write_evaluation(report, Path(out) if out is not None else Path(run), tuned.config["classes"], title, plots)

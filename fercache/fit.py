@@ -248,10 +248,17 @@ def evaluate(cache: str | os.PathLike | None, head_dir: str | os.PathLike, split
         raise UserError(f"{path} holds {emb.X.shape[1]}-d features, but the head {head_dir} is {head.dim}-d")
     report = {**score(head, emb, usage_of(path, split)), "calibration": calibration(emb.y, head.predict_proba(emb.X)),
               "head": str(head_dir), "cache": str(path)}
-    folder = Path(out) if out is not None else Path(head_dir)
+    title = f"{head.identity.model if head.identity else 'features'} · {head.method} on {split}"
+    return write_evaluation(report, Path(out) if out is not None else Path(head_dir), head.classes, title, plots)
+
+
+def write_evaluation(report: dict, folder: Path, classes: list[str], title: str, plots: bool = True) -> dict:
+    """`evaluate-<split>.json` and, with `plots`, `confusion-<split>.png` of a head's or a tuned run's
+    report on one split, into `folder`; returns the report."""
     folder.mkdir(parents=True, exist_ok=True)
+    split = report["split"]
     (folder / f"evaluate-{split}.json").write_text(json.dumps(report, indent=2) + "\n")
     if plots:
-        plot_confusion(report["confusion"], head.classes, folder / f"confusion-{split}.png",
-                       f"{head.identity.model if head.identity else 'features'} · {head.method} on {split}: accuracy {report['accuracy']:.4f}")
+        plot_confusion(report["confusion"], classes, folder / f"confusion-{split}.png",
+                       f"{title}: accuracy {report['accuracy']:.4f}")
     return report
