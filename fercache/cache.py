@@ -49,7 +49,7 @@ try:
 except ImportError:  # Windows: commits are not serialised there
     fcntl = None
 
-from fercache.errors import UserError, first_line
+from fercache.errors import UserError, first_line, warn
 from fercache.identity import Identity
 from fercache.names import CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
 
@@ -59,6 +59,8 @@ STR = h5py.string_dtype("utf-8")
 TOKENS = feature_name(tokens=True)  # stored as float16: 2.8 GB for all of FER2013 with ViT-B/32, not 5.5
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 LOCKING: str | bool = "best-effort"  # HDF5's locks where the filesystem has them; see `file_locking`
+SLICE_BYTES = 64 * 2**20  # commit moves rows from the parts into the cache this much at a time
+CHUNK_BYTES = 4 * 2**20  # a cache dataset's chunks hold at most 1,024 rows and about this much
 
 
 def fercache_version() -> str:
@@ -171,12 +173,16 @@ class PartFile:
     `consumed`, the shard's images looked at so far) and `done`, flushed and fsynced again. A part
     another live process holds is refused (`h5open`), never deleted; one that does not open
     (torn by a crash) or was made for another shard or encoder is started anew.
+
+    `fresh`: always start anew. `forced` (`extract --force`): start anew a part made before, but
+    resume one an earlier forced run made (the part records `forced`), so the same `--force`
+    command, interrupted, goes on where it stopped. `resumed`: the rows already here when opened.
     """
 
     def __init__(self, path: Path, meta: dict, shard: str, capacity: int, shapes: dict[str, tuple[int, ...]],
-                 chunk: int, fresh: bool = False):
+                 chunk: int, fresh: bool = False, forced: bool = False):
         self.path = path
-        self.file = self._resume(path, meta, shard, fresh)
+        self.file = self._resume(path, meta, shard, fresh, forced)
         if self.file is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -185,7 +191,7 @@ class PartFile:
                 raise UserError(f"{path}: another run made this part file just now; run one job per cache "
                                 "at a time") from None
             write_attrs(self.file, {**meta, "shard": shard})
-            self.file.attrs.update({"rows": 0, "consumed": 0, "done": False})
+            self.file.attrs.update({"rows": 0, "consumed": 0, "done": False, "forced": forced})
             rows = max(1, min(chunk, capacity))
             self.file.create_dataset("ids", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
             self.file.create_dataset("labels", shape=(capacity,), dtype=np.int64)
@@ -197,9 +203,10 @@ class PartFile:
             self.file.flush()
             _fsync_folder(path.parent)  # the new part's name survives a power cut too
         self.rows, self.consumed = int(self.file.attrs["rows"]), int(self.file.attrs["consumed"])
+        self.resumed = self.rows
 
     @staticmethod
-    def _resume(path: Path, meta: dict, shard: str, fresh: bool) -> h5py.File | None:
+    def _resume(path: Path, meta: dict, shard: str, fresh: bool, forced: bool) -> h5py.File | None:
         """Reopen a part left by an interrupted run, or None (deleted) if it cannot be used."""
         if not path.exists():
             return None
@@ -212,7 +219,8 @@ class PartFile:
             path.unlink()  # HDF5 cannot read it (torn by a crash in the middle of a flush): start it again
             return None
         attrs = read_attrs(f)
-        if fresh or attrs.get("shard") != shard or Identity.from_meta(attrs).differences(Identity.from_meta(meta)):
+        stale = fresh or (forced and not attrs.get("forced", False))  # made before this --force command
+        if stale or attrs.get("shard") != shard or Identity.from_meta(attrs).differences(Identity.from_meta(meta)):
             f.close()
             path.unlink()  # --force, or made for another selection or encoder: its rows do not apply
             return None
@@ -222,9 +230,17 @@ class PartFile:
                features: dict[str, np.ndarray]) -> None:
         """Write rows after those already here (durable only after the next `flush`)."""
         lo, hi = self.rows, self.rows + len(ids)
-        if TOKENS in features and not np.isfinite(features[TOKENS]).all():  # float16 overflow (and NaN)
-            raise UserError(f"{self.path}: tokens of {ids[0]} ... exceed float16's range (|x| > {FLOAT16_MAX:g}); "
-                            "this model's tokens cannot be cached: tune it --from-images")
+        for name, rows in features.items():  # float16 overflow (tokens, or a float16 encoder's) and NaN
+            finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+            if not finite.all():
+                face, dtype = ids[int(np.argmin(finite))], self.file.attrs["dtype"]
+                if name == TOKENS:
+                    raise UserError(f"{self.path}: tokens of {face} exceed float16's range (|x| > {FLOAT16_MAX:g}) "
+                                    f"or are NaN (computed in {dtype}); if --dtype float32 does not help, this "
+                                    "model's tokens cannot be cached: tune it --from-images")
+                how = ("the model gives them even in float32): check its weights" if dtype == "float32" else
+                       f"{dtype} overflowed?): extract with --dtype float32")
+                raise UserError(f"{self.path}: feature '{name}' of {face} is NaN or infinite ({how}")
         self.file["ids"][lo:hi] = np.array(ids, dtype=object)
         self.file["labels"][lo:hi] = labels
         self.file["usage"][lo:hi] = np.array(usage, dtype=object)
@@ -237,7 +253,7 @@ class PartFile:
         fd = self.file.id.get_vfd_handle()
         self.file.flush()
         os.fsync(fd)
-        self.file.attrs.update({"rows": self.rows, "consumed": self.consumed, "done": done})
+        self.file.attrs.update({"rows": self.rows, "consumed": self.consumed, "done": done, "resumed": self.resumed})
         self.file.flush()
         os.fsync(fd)
 
@@ -253,6 +269,15 @@ def shard_digest(ids: list[str]) -> str:
 def part_path(cache: Path, split: str, rank: int = 0, world: int = 1) -> Path:
     """Where one rank's rows of a split wait until the split is complete: `<cache>.partial/<split>.<rank>-of-<world>.h5`."""
     return cache.with_name(cache.name + ".partial") / f"{split}.{rank}-of-{world}.h5"
+
+
+def resumed_rows(parts: list[Path]) -> int:
+    """The rows the parts already held when this run opened them (encoded by an interrupted run)."""
+    total = 0
+    for p in parts:
+        with h5open(p, "r") as f:
+            total += int(f.attrs.get("resumed", 0))
+    return total
 
 
 def write_split(cache: str | os.PathLike, split: str, meta: dict, ids: list[str], labels: np.ndarray,
@@ -275,9 +300,13 @@ def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: di
     """Write a finished split into the cache atomically: a new file, then a rename over the old.
 
     Other complete splits are carried over (unless `replace`), so space of a redone split is
-    reclaimed and a crash at any point leaves the previous cache untouched. The new file is
-    fsynced before the rename and the folder after it, so a power cut leaves the old cache or the
-    new one. Returns the split's number of rows.
+    reclaimed and a crash at any point leaves the previous cache untouched; they are carried only
+    if the old cache's identity is this split's, checked under the commit lock (another job may
+    have made the cache since this one started): a mismatch is a `UserError` that keeps the parts.
+    Rows move from the parts into preallocated datasets `SLICE_BYTES` at a time and other splits
+    are copied by HDF5, so memory stays flat whatever the split's size. The new file is fsynced
+    before the rename and the folder after it, so a power cut leaves the old cache or the new one.
+    Returns the split's number of rows.
     """
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -292,22 +321,21 @@ def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: di
             raise UserError(f"{meta.get('source', {}).get('path', 'the data')}: none of the images of split "
                             f"'{split}' could be read")
         with _one_commit_at_a_time(cache):
+            carry = cache.exists() and not replace
+            if carry:
+                read_identity(cache).check(Identity.from_meta(meta), cache, hint=(
+                    f"another job wrote it since this one started; this job's rows stay in {parts[0].parent}: "
+                    "run one job per cache, or --force to replace it"))
             with h5open(tmp, "w") as out:
                 write_attrs(out, meta)
-                if cache.exists() and not replace:
+                if carry:
                     with _open(cache) as old:
                         for name in old:
                             if name != split and old[name].attrs.get("complete", False):
-                                old.copy(old[name], out, name=name)
+                                old.copy(old[name], out, name=name)  # by HDF5, chunk by chunk
                 group = out.create_group(split)
-                names = [n for n in _datasets(sources[0]) if n not in ("ids", "labels", "usage")]
-                for name in ("ids", "labels", "usage") + tuple(names):
-                    data = np.concatenate([s[name][:n] for s, n in zip(sources, counts)])
-                    if name in ("ids", "usage"):
-                        group.create_dataset(name, data=data, dtype=STR)
-                    else:
-                        chunks = (max(1, min(1024, len(data))), *data.shape[1:]) if data.ndim >= 2 else None
-                        group.create_dataset(name, data=data, chunks=chunks)
+                for name in _datasets(sources[0]):
+                    _join(name, sources, counts, group)
                 write_attrs(group, {"selection": selection})
                 group.attrs["complete"] = True
             with open(tmp, "rb+") as f:
@@ -325,13 +353,37 @@ def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: di
     return sum(counts)
 
 
+def _join(name: str, sources: list[h5py.File], counts: list[int], group: h5py.Group) -> None:
+    """Dataset `name` of every part, in order, into one new dataset of `group`, a slice at a time."""
+    first = sources[0][name]
+    shape, total = first.shape[1:], sum(counts)
+    row_bytes = first.dtype.itemsize * int(np.prod(shape))  # strings: their pointers
+    if first.dtype.kind == "O":  # ids, usage
+        out = group.create_dataset(name, shape=(total,), dtype=STR)
+    else:
+        rows = max(1, min(1024, total, CHUNK_BYTES // row_bytes))
+        out = group.create_dataset(name, shape=(total, *shape), dtype=first.dtype,
+                                   chunks=(rows, *shape) if shape else None)
+    step = max(1, SLICE_BYTES // row_bytes)
+    if out.chunks:
+        step = max(1, step // out.chunks[0]) * out.chunks[0]  # whole chunks where the slices line up
+    at = 0
+    for source, count in zip(sources, counts):
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            out[at + lo:at + hi] = source[name][lo:hi]
+        at += count
+
+
 @contextmanager
 def _one_commit_at_a_time(cache: Path) -> Iterator[None]:
     """Hold `<cache>.lock` from reading the old cache to the rename; a second commit waits for it.
 
     Two jobs committing other splits of one cache at once would each carry the old cache over
     without the other's split, and the last rename would win. Without locks (`--no-file-locking`,
-    or a filesystem that refuses them) nothing is held: run one job per cache at a time.
+    or a filesystem that refuses them) nothing is held: run one job per cache at a time. A
+    filesystem that refuses them (Lustre mounted `noflock`) is said once, in one line; HDF5's
+    best-effort locking goes on without them silently.
     """
     if LOCKING is False or fcntl is None:
         yield
@@ -339,8 +391,9 @@ def _one_commit_at_a_time(cache: Path) -> Iterator[None]:
     with open(cache.with_name(cache.name + ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # the filesystem has no locks: as HDF5's best effort, go on without
-            pass
+        except OSError as exc:  # as HDF5's best effort, go on without, but say so
+            warn(f"{cache.parent}: no file locks on this filesystem ({first_line(exc)}): run one job per cache "
+                 "at a time")
         yield
 
 

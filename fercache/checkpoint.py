@@ -18,7 +18,8 @@ from pathlib import Path
 from fercache.errors import UserError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what transformers loads weights from (sharded or not)
-CONFIGS = ("config.json", "preprocessor_config.json")  # the architecture and the preprocessing recipe
+# the architecture and the preprocessing recipe (OpenCLIP keeps both in open_clip_config.json)
+CONFIGS = ("config.json", "preprocessor_config.json", "open_clip_config.json")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,12 @@ def is_local(model: str) -> bool:
     return Path(model).is_dir()
 
 
-def resolve(model: str, revision: str | None = None, fingerprint_was: str = "") -> Checkpoint:
+def resolve(model: str, revision: str | None = None, fingerprint_was: str = "", repo: str | None = None,
+            config: str = "config.json") -> Checkpoint:
     """The checkpoint `model` names: the commit hash `revision` (default `main`) resolves to for a hub
-    id, the weights' fingerprint for a folder (a one-line error if it is no longer `fingerprint_was`)."""
+    id, the weights' fingerprint for a folder (a one-line error if it is no longer `fingerprint_was`).
+    `repo` and `config`: the hub repo and the config file it holds, where they are not `model` and
+    transformers' config.json (OpenCLIP's `hf-hub:org/name` holds open_clip_config.json)."""
     if is_local(model):
         if revision:
             raise UserError(f"--revision {revision}: '{model}' is a local folder, which has no revisions")
@@ -54,29 +58,33 @@ def resolve(model: str, revision: str | None = None, fingerprint_was: str = "") 
     from huggingface_hub.errors import EntryNotFoundError
 
     try:  # the file lands in (or is found in) snapshots/<commit hash>/
-        config = hf_hub_download(model, "config.json", revision=revision or None)
+        path = hf_hub_download(repo or model, config, revision=revision or None)
     except (OSError, ValueError, EntryNotFoundError) as exc:
         at = f" at revision '{revision}'" if revision else ""
         raise UserError(f"cannot load model '{model}'{at}: {first_line(exc)}") from None
-    return Checkpoint(model, revision=Path(config).parent.name)
+    return Checkpoint(model, revision=Path(path).parent.name)
 
 
 def fingerprint(folder: str) -> str:
     """`sha256:<hex>` over a local model's weight files and the configs that shape its features
     (`CONFIGS`: an edited image_mean changes them as surely as new weights); the same files
-    anywhere give the same value. Memoised per file state: extract checks it twice."""
+    anywhere give the same value, each file under its name in the folder (a Hugging Face
+    `snapshots/<commit>/` folder links to `../../blobs/<sha>`: its content counts, not the blob's
+    name). Memoised per file state: extract checks it twice."""
     weights = [p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         raise UserError(f"model folder '{folder}' holds no weight files (*.safetensors or *.bin)")
     files = sorted(weights + [Path(folder) / name for name in CONFIGS if (Path(folder) / name).is_file()])
-    return _digest(tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return _digest(tuple((p.name, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
 @lru_cache(maxsize=8)
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+def _digest(files: tuple[tuple[str, str, int, int], ...]) -> str:
+    """sha256 over (name, content) of each file; `files` holds the name in the folder, the file read
+    (a link's target) and its size and mtime, which key the memo."""
     h = hashlib.sha256()
-    for path, _, _ in files:
-        h.update(Path(path).name.encode() + b"\0")
+    for name, path, _, _ in files:
+        h.update(name.encode() + b"\0")
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)

@@ -28,8 +28,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Options several commands share, defined once.
 DataOpt = typer.Option(None, "--data", help="FER2013 zip, folder or CSV [default: ./data or $FERCACHE_DATA]")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+DatasetOpt = typer.Option(None, "--dataset", help="Which dataset or layout the data is (fercache.datasets), "
+                          "where it cannot be told from the files: ferplus (FER+ votes on a FER2013 source), "
+                          "folders, rafdb, affectnet, ... [default: detected]")
+ClassesOpt = typer.Option(None, "--classes", help="A generic [<split>/]<class>/<image> folder's classes, "
+                          "in label order: a,b,c.")
+VotesOpt = typer.Option(None, "--votes", help="FER+'s fer2013new.csv, for --dataset ferplus on a FER2013 source "
+                        "[default: beside it]")
 ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a Hugging Face vision model (CLIP, SigLIP, "
-                        "DINOv2, ViT, ConvNeXt, ResNet, EfficientNet, ...), or `pixels` for the raw-pixel baseline.")
+                        "DINOv2, ViT, ConvNeXt, ResNet, EfficientNet, ...), an OpenCLIP checkpoint (hf-hub:org/name), "
+                        "a timm one (timm/name), or `pixels` for the raw-pixel baseline.")
 RevisionOpt = typer.Option(None, help="Hub branch, tag or commit [default: main]; the commit it resolves to is "
                            "recorded, and heads and caches reload exactly that commit.")
 PreprocessOpt = typer.Option(PREPROCESS[0], help="clip: the model's own image processor; seed: the reference "
@@ -106,14 +114,15 @@ def _echo_fit(result) -> None:
         typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
     else:
         search = m["logreg"]
-        keys = [k for k in ("C", "val_loss", "val_acc", "val_se", "val_bacc", "val_bacc_se", "n_iter", "converged")
+        keys = [k for k in ("C", "val_loss", "val_loss_se", "val_acc", "val_se", "val_bacc", "val_bacc_se", "n_iter",
+                            "converged")
                 if k in search["validation"][0]]
         typer.echo(format_table(keys, [[f"{r['C']:g}", *(r[k] for k in keys[1:])] for r in search["validation"]]))
         where = "PublicTest" if search["val"] == "given" else f"a {search['val_fraction']:.0%} validation part of train"
         typer.echo(f"chosen C = {search['C']:g} on {where} ({search['val_count']:,} faces): the strongest "
                    f"regularisation within one SE of the best "
                    f"{'balanced accuracy' if search['criterion'] == 'val_bacc' else 'accuracy'} "
-                   f"(C = {search['best_val_C']:g})")
+                   f"(C = {search['best_val_C']:g}) and of the lowest loss (C = {search['lowest_val_loss_C']:g})")
 
     def figure(key: str, name: str) -> str:
         return f"{name} {with_interval(m, key)}"
@@ -166,15 +175,16 @@ def run(
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="A FER2013 source (zip, folder, CSV) or a cache (.h5)."),
-         as_json: bool = JsonOpt) -> None:
-    """Show a FER2013 source's format and per-split, per-class counts, or what a cache holds."""
+def info(path: Path = typer.Argument(..., help="A dataset (zip, folder, CSV) or a cache (.h5)."),
+         as_json: bool = JsonOpt, dataset: Optional[str] = DatasetOpt, classes: Optional[str] = ClassesOpt,
+         votes: Optional[Path] = VotesOpt) -> None:
+    """Show a dataset's layout and per-split, per-class (and subject) counts, or what a cache holds."""
     from fercache.cache import describe_cache
-    from fercache.data import open_source
+    from fercache.datasets import DATASETS, open_dataset
     from fercache.report import format_table
 
     is_cache = path.suffix in (".h5", ".hdf5")
-    desc = describe_cache(path) if is_cache else open_source(path).describe()
+    desc = describe_cache(path) if is_cache else open_dataset(path, dataset, classes, votes).describe()
     if as_json:
         return _emit(desc)
     if is_cache:
@@ -184,11 +194,16 @@ def info(path: Path = typer.Argument(..., help="A FER2013 source (zip, folder, C
         typer.echo(f"layers: {desc.get('layers') or 'none'}; views: {', '.join(desc.get('views', ['plain']))}; "
                    f"tokens: {'none' if tokens is None else f'entering block {tokens + 1} (--tokens {tokens})'}")
     else:
-        typer.echo(f"{path}: FER2013 as {desc['format']}")
-    classes = desc["classes"]
+        title = DATASETS[desc["dataset"]].title if desc["dataset"] in DATASETS else desc["dataset"]
+        typer.echo(f"{path}: {title} as {desc['format']}")
+    names = desc["classes"]
+    subjects = any("subjects" in s for s in desc["splits"].values())
     rows = [[name, s["count"], *s["per_class"].values()] + ([s["dim"], "yes" if s["complete"] else "NO"] if is_cache else [])
-            for name, s in desc["splits"].items()]
-    typer.echo(format_table(["split", "count", *classes] + (["dim", "complete"] if is_cache else []), rows))
+            + ([s.get("subjects", "")] if subjects else []) for name, s in desc["splits"].items()]
+    typer.echo(format_table(["split", "count", *names] + (["dim", "complete"] if is_cache else [])
+                            + (["subjects"] if subjects else []), rows))
+    for reason, n in desc.get("dropped", {}).items():
+        typer.echo(f"left out: {n} ({reason})")
 
 
 @app.command()
@@ -301,7 +316,8 @@ def finetune(
         raise typer.Exit(130) from None
     _echo_fit(result)
     m = result.metrics
-    typer.echo(f"chosen at epoch {m['best_epoch']} on {'a part of train' if m['val'] == 'train' else 'PublicTest'} "
+    typer.echo(f"chosen at epoch {m['best_epoch']}{' (the start: the linear probe)' if m['best_epoch'] == 0 else ''} "
+               f"on {'a part of train' if m['val'] == 'train' else 'PublicTest'} "
                f"({m['val_count']:,} faces); test is {m['test_split']}")
 
 
@@ -332,24 +348,55 @@ def evaluate(
     typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
 
 
+HeadOpt = typer.Option(..., help="A run folder of `fercache fit` (a head) or `fercache finetune` (tuned blocks).")
+
+
 @app.command()
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files of any size, gray or colour."),
-    head: Path = typer.Option(..., help="A run folder of `fercache fit` (a head) or `fercache finetune` (tuned blocks)."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files of any size, gray or colour."),
+    head: Path = HeadOpt,
     device: str = DeviceOpt,
     detect_face: bool = typer.Option(False, "--detect-face", help="Crop the largest face (OpenCV Haar cascade) first."),
     as_json: bool = JsonOpt,
+    video: Optional[Path] = typer.Option(None, help="A video instead of images: every face of every sampled frame, "
+                                         "to emotions.csv and timeline.png (one panel per face track) in --out."),
+    fps: Optional[float] = typer.Option(None, help="With --video: frames a second to sample [default: every frame]."),
+    annotate: Optional[Path] = typer.Option(None, help="With --video: also write the video with labelled boxes (.mp4)."),
+    out: Optional[Path] = typer.Option(None, help="With --video: output folder [default: runs/video-<video stem>]."),
 ) -> None:
-    """Label new images: made 48x48 gray like FER2013, encoded like stage one, scored by the head."""
+    """Label new images (made 48x48 gray like FER2013, encoded like stage one, scored by the head), or the faces of a video."""
     from fercache.predict import predict as run_predict
     from fercache.report import format_table
 
+    if (video is None) == (not images):
+        raise UserError("predict takes image files or --video FILE (one of the two)")
+    if video is not None:
+        from fercache.video import predict_video
+
+        done = predict_video(head, video, out or Path("runs") / f"video-{video.stem}", fps, device, annotate)
+        if as_json:
+            return typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in done.items()}))
+        return typer.echo(f"{done['frames']} sampled frames, {done['faces']} faces in {done['tracks']} track(s): "
+                          f"wrote {done['csv']}, {done['timeline']}" + (f", {done['annotated']}" if annotate else ""))
     results = run_predict(head, images, device, detect_face)
     if as_json:
         return typer.echo(json.dumps(results, indent=2))
     classes = list(results[0]["probs"])
     typer.echo(format_table(["image", "label", *classes], [[r["image"], r["label"], *r["probs"].values()]
                                                           for r in results]))
+
+
+@app.command()
+def serve(
+    head: Path = HeadOpt,
+    port: int = typer.Option(7860, help="Port to serve on."),
+    device: str = DeviceOpt,
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 shows the page to your whole network."),
+) -> None:
+    """A local web page: webcam stream and image upload, every face boxed and labelled by the head (needs the `serve` extra)."""
+    from fercache.serve import serve as run_serve
+
+    run_serve(head, port, device, host)
 
 
 @app.command()
@@ -384,7 +431,8 @@ def zeroshot(
     data: Optional[Path] = DataOpt,
     split: str = SplitOpt,
     limit: Optional[int] = LimitOpt,
-    model: str = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a full CLIP model (vision and text towers)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a full CLIP model (vision and text towers), "
+                              "or an OpenCLIP checkpoint (hf-hub:org/name)."),
     device: str = DeviceOpt,
     batch_size: int = EncodeBatchOpt,
     as_json: bool = JsonOpt,
@@ -405,7 +453,8 @@ def zeroshot(
 @app.command()
 def compare(runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/*) holding metrics.json."),
             as_json: bool = JsonOpt) -> None:
-    """One table across runs: test accuracy with its interval, macro-F1, McNemar p-value against the best."""
+    """One table across runs, ranked within each test set: test accuracy with its interval, macro-F1,
+    McNemar p-value against the set's best (Holm over all pairs)."""
     from fercache.probe import compare as run_compare
     from fercache.probe import compare_table
     from fercache.report import format_table
@@ -414,6 +463,28 @@ def compare(runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/
     if as_json:
         return _emit({"runs": rows})
     typer.echo(format_table(*compare_table(rows)))
+
+
+@app.command()
+def audit(
+    data: Optional[Path] = DataOpt,
+    cache: Optional[Path] = typer.Option(None, "--cache", help="A cache of this source (extract --split all): adds "
+                                         "cosine near-duplicates and suspected label errors."),
+    out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.json and audit.html."),
+    ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="FER+ votes (fer2013new.csv): how many suspected "
+                                           "label errors FER+ relabelled (CSV sources)."),
+    dataset: Optional[str] = DatasetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Is this copy sound? Train/test shift, exact and near duplicates (across splits too), label errors."""
+    from fercache.audit import audit as run_audit
+    from fercache.audit import summary_lines
+
+    report = run_audit(data, cache, out, ferplus, dataset)
+    if as_json:
+        return _emit(report)
+    for line in summary_lines(report):
+        typer.echo(line)
 
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> str:

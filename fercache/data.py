@@ -11,6 +11,10 @@ name's number (the part after `Training_`, `PublicTest_`, `PrivateTest_`), then 
 class: the numbers follow neither class nor usage, so any prefix (`--limit N`) holds every class,
 and both test halves, in about their share, as the CSV's rows do. CSV sources keep file order and are identified as
 `<file name>:<line number>` (the header is line 1).
+
+Other datasets (FER+, CK+, JAFFE, RAF-DB, AffectNet, any labelled folder) are indexed by
+`fercache.datasets` into the same `Source`, which then carries their own classes, subjects and FER+
+votes; decoding is shared: the 48x48 gray path encoders consume, or each image as it is (`native`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fercache.errors import UserError, warn
-from fercache.names import CLASSES, SIZE, SPLIT_CHOICES, SPLITS, choice, data_dir
+from fercache.names import CANONICAL, CLASSES, SIZE, SPLIT_CHOICES, SPLITS, choice, data_dir
 # CSV `Usage` values and Kaggle file-name prefixes -> the finest split a row belongs to.
 USAGES = {"Training": "train", "PublicTest": "public_test", "PrivateTest": "private_test"}
 CANDIDATES = ("fer2013.zip", "fer2013", "fer2013.csv", "icml_face_data.csv")
@@ -52,22 +56,27 @@ class Entry:
 
     id: str
     label: int
-    usage: str  # train | public_test | private_test | test (a test image of unknown origin)
+    usage: str  # train | public_test | private_test | test (a test image of unknown origin) | val | all (no split)
     ref: str | int  # zip member or file path; CSV: row index into the parsed pixel strings
+    subject: str | None = None  # the person, where the dataset says (CK+, JAFFE): folds keep them apart
+    votes: tuple[int, ...] | None = None  # FER+: the 10 annotators' votes, in `datasets.FERPLUS_VOTES` order
 
 
 @dataclass
 class FERImages:
     """A decoded split: the arrays stage one encodes and stage two labels."""
 
-    pixels: np.ndarray  # uint8, N x 48 x 48
-    labels: np.ndarray  # int64, N
+    pixels: np.ndarray | list[np.ndarray]  # uint8, N x 48 x 48; native: a list of H x W x 3
+    labels: np.ndarray  # int64, N: indices into `classes`
     ids: list[str]
     usage: list[str]  # per row: train, public_test, private_test (or test when unknown)
     classes: tuple[str, ...] = CLASSES
     source: str = ""
     format: str = ""
     split: str = ""
+    canonical: tuple[str, ...] = CANONICAL  # per class: its canonical expression name
+    subjects: list[str | None] = field(default_factory=list)  # per row, where known
+    votes: np.ndarray | None = None  # FER+: int64 N x 10 votes (soft targets), else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,15 +87,21 @@ class Source:
     """A FER2013 source on disk and its index of every image, all splits."""
 
     path: Path
-    format: str  # folder | zip | fer2013.csv | icml_face_data.csv
+    format: str  # folder | zip | fer2013.csv | icml_face_data.csv: how images are stored and decoded
     entries: list[Entry]
     _csv_pixels: list[str] = field(default_factory=list, repr=False)
+    dataset: str = "fer2013"  # the `fercache.datasets` entry that indexed it
+    classes: tuple[str, ...] = CLASSES  # the dataset's own class names; Entry.label indexes them
+    canonical: tuple[str, ...] = CANONICAL  # per class: its canonical expression (names.EXPRESSIONS)
+    splits: tuple[str, ...] = SPLITS  # what `select` and `describe` know; ("all",): no split (use folds)
+    dropped: dict[str, int] = field(default_factory=dict)  # faces the reader left out, by reason
+    joined: tuple[Path, ...] = ()  # files besides the images that the labels come from (fingerprinted)
 
     def select(self, split: str) -> list[Entry]:
-        """The entries of one split (`all` is train followed by test)."""
-        choice(split, SPLIT_CHOICES, "split")
-        if split == "all":
-            return self.select("train") + self.select("test")
+        """The entries of one split (`all` is train followed by test, or every entry without a split)."""
+        choice(split, self.splits if "all" in self.splits else self.splits + ("all",), "split")
+        if split == "all" and "all" not in self.splits:
+            return [e for s in ("train", "val", "test") if s in self.splits for e in self.select(s)]
         chosen = [e for e in self.entries if e.usage in _usages(split)]
         if not chosen:
             raise UserError(f"{self.path}: no images in split '{split}'")
@@ -103,49 +118,61 @@ class Source:
             for e in sorted(self.entries, key=lambda e: e.id):
                 h.update(e.id.encode())
                 h.update(Path(e.ref).read_bytes())
+        for path in self.joined:  # FER2013 has none: its fingerprints are as they always were
+            h.update(path.name.encode())
+            h.update(path.read_bytes() if path.is_file() else path.name.encode())
         return "sha256:" + h.hexdigest()
 
     def describe(self) -> dict:
-        """Format and per-split, per-class counts (the JSON of `fercache info`)."""
+        """Dataset, format, classes and per-split, per-class (and subject) counts: `fercache info --json`."""
         splits = {}
-        for split in SPLITS:
+        for split in self.splits:
             rows = [e for e in self.entries if e.usage in _usages(split)]
-            counts = np.bincount([e.label for e in rows], minlength=len(CLASSES))
+            counts = np.bincount([e.label for e in rows], minlength=len(self.classes))
             splits[split] = {"count": len(rows),
-                             "per_class": {c: int(n) for c, n in zip(CLASSES, counts)}}
-        return {"format": self.format, "path": str(self.path), "classes": list(CLASSES),
-                "splits": splits}
+                             "per_class": {c: int(n) for c, n in zip(self.classes, counts)}}
+            if any(e.subject is not None for e in rows):
+                splits[split]["subjects"] = len({e.subject for e in rows})
+        return {"dataset": self.dataset, "format": self.format, "path": str(self.path),
+                "classes": list(self.classes), "canonical": list(self.canonical), "splits": splits,
+                "dropped": dict(self.dropped)}
 
-    def load(self, split: str, strict: bool = False, limit: int | None = None) -> FERImages:
-        """Decode one split (its first `limit` images, if given) to uint8 48x48 arrays."""
+    def load(self, split: str, strict: bool = False, limit: int | None = None, native: bool = False) -> FERImages:
+        """Decode one split (its first `limit` images, if given) to uint8 48x48 arrays (`native`: a
+        list of each image as stored, H x W x 3)."""
         entries = self.select(split)[:limit]
         keep, pixels = [], []
-        for positions, chunk in self.stream(entries, strict):
+        for positions, chunk in self.stream(entries, strict, native=native):
             keep += positions
             pixels.append(chunk)
         if not keep:
             raise UserError(f"{self.path}: none of the {len(entries)} images in split '{split}' could be read")
+        kept = [entries[i] for i in keep]
         return FERImages(
-            pixels=np.concatenate(pixels),
-            labels=np.array([entries[i].label for i in keep], dtype=np.int64),
-            ids=[entries[i].id for i in keep],
-            usage=[entries[i].usage for i in keep],
+            pixels=[p for c in pixels for p in c] if native else np.concatenate(pixels),
+            labels=np.array([e.label for e in kept], dtype=np.int64),
+            ids=[e.id for e in kept],
+            usage=[e.usage for e in kept],
+            classes=self.classes,
             source=str(self.path),
             format=self.format,
             split=split,
+            canonical=self.canonical,
+            subjects=[e.subject for e in kept],
+            votes=np.array([e.votes for e in kept], dtype=np.int64) if kept[0].votes is not None else None,
         )
 
-    def stream(self, entries: list[Entry], strict: bool = False,
-               chunk: int = 256) -> Iterator[tuple[list[int], np.ndarray]]:
+    def stream(self, entries: list[Entry], strict: bool = False, chunk: int = 256,
+               native: bool = False) -> Iterator[tuple[list[int], np.ndarray | list[np.ndarray]]]:
         """Decode `entries` chunk by chunk, in order: (the positions in `entries` of the images that
-        decoded, their uint8 N x 48 x 48 pixels).
+        decoded, their uint8 N x 48 x 48 pixels; `native`: a list of H x W x 3 arrays as stored).
 
         A thread pool decodes up to two chunks per core ahead of the caller, so decoding overlaps
         whatever the caller does with the chunks it has (encoding them), in bounded memory. An
         unreadable image is skipped with a warning that names it (`strict`: an error); images that
-        were not 48x48 gray are counted in one warning at the end.
+        were not 48x48 gray are counted in one warning at the end (not for `native`).
         """
-        decode = _decoder(self)
+        decode = _decoder(self, native)
 
         def task(start: int) -> tuple[int, list]:
             return start, [decode(e) for e in entries[start:start + chunk]]
@@ -169,7 +196,8 @@ class Source:
                         keep.append(i)
                         converted += d[1]
                 if keep:
-                    yield keep, np.stack([decoded[i - start][0] for i in keep])
+                    arrays = [decoded[i - start][0] for i in keep]
+                    yield keep, arrays if native else np.stack(arrays)
         finally:
             pool.shutdown(cancel_futures=True)
         if converted:
@@ -211,6 +239,13 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bool]:
         return to_gray48(image)
 
 
+def decode_native(data: bytes) -> np.ndarray:
+    """Decode an encoded image file as it is stored: H x W x 3 uint8 (gray and palette images as RGB),
+    the colour and resolution a model's own processor should start from."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def find_source(data: str | os.PathLike | None = None) -> Path:
     """The path to read: `data` as given, else the first known name in $FERCACHE_DATA or ./data."""
     if data is not None:
@@ -246,7 +281,8 @@ def load_images(source: str | os.PathLike | None = None, split: str = "train",
 
 
 def _usages(split: str) -> set[str]:
-    """The row usages a split is made of (`test` is both halves, plus test images of unknown origin)."""
+    """The row usages a split is made of (`test` is both halves, plus test images of unknown origin;
+    any other split, `all` of an unsplit dataset included, is itself)."""
     return {"public_test", "private_test", "test"} if split == "test" else {split}
 
 
@@ -267,8 +303,8 @@ def _entries_from_paths(paths: list[str], where: Path) -> list[Entry]:
             continue
         cls = m["cls"].lower()
         if cls not in CLASSES:
-            raise UserError(f"{where}: unknown class folder '{m['cls']}' at {p} "
-                            f"(expected one of {', '.join(CLASSES)})")
+            raise UserError(f"{where}: unknown class folder '{m['cls']}' at {p} (expected one of "
+                            f"{', '.join(CLASSES)}; another dataset: --dataset NAME, or --classes a,b,c)")
         top = m["top"].lower()
         entries.append(Entry(f"{top}/{cls}/{m['name']}", CLASSES.index(cls), _usage_of(top, m["name"]), p))
     if not entries:
@@ -284,30 +320,68 @@ def _entries_from_paths(paths: list[str], where: Path) -> list[Entry]:
     return sorted(entries, key=order)
 
 
+@dataclass
+class Files:
+    """The files of a folder or zip, by path relative to it: what dataset readers index."""
+
+    path: Path
+    format: str  # folder | zip
+    names: list[str]  # sorted for a folder, archive order for a zip; no folders
+    _zip: zipfile.ZipFile | None = field(default=None, repr=False)  # opened once: a big zip's index takes a second
+
+    def ref(self, name: str) -> str:
+        """What `Entry.ref` holds for a file: its path (folder) or member name (zip)."""
+        return str(self.path / name) if self.format == "folder" else name
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self.format == "folder":
+                return (self.path / name).read_bytes()
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return self._zip.read(name)
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise UserError(f"{self.path}: cannot read {name} ({exc})") from None
+
+    def text(self, name: str) -> str:
+        try:
+            return self.read(name).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path}: {name} is not a text file") from None
+
+
+def list_files(path: Path) -> Files:
+    """The files under a folder or in a zip (`UserError` for a bad zip)."""
+    if path.is_dir():
+        return Files(path, "folder", sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()))
+    try:
+        z = zipfile.ZipFile(path)  # kept open for `Files.read` (a reader's label files)
+        return Files(path, "zip", [i.filename for i in z.infolist() if not i.is_dir()], z)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path}: not a valid zip archive ({exc})") from None
+
+
 def _index_folder(path: Path) -> Source:
-    files = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
-    entries = _entries_from_paths(files, path)
+    entries = _entries_from_paths(list_files(path).names, path)
     for e in entries:
         e.ref = str(path / e.ref)
     return Source(path, "folder", entries)
 
 
 def _index_zip(path: Path) -> Source:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [i.filename for i in z.infolist() if not i.is_dir()]
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"{path}: not a valid zip archive ({exc})") from None
-    return Source(path, "zip", _entries_from_paths(names, path))
+    return Source(path, "zip", _entries_from_paths(list_files(path).names, path))
 
 
-def _decoder(source: Source) -> Callable[[Entry], tuple[np.ndarray, bool] | str]:
+def _decoder(source: Source, native: bool = False) -> Callable[[Entry], tuple[np.ndarray, bool] | str]:
     """Decodes one entry of `source` in any thread: (array, converted), or why it is unreadable.
 
     A bad CSV row is a `UserError` that names its line; a bad image file is returned as a reason,
-    for the caller to skip or refuse (`--strict`). Each thread opens the zip once.
+    for the caller to skip or refuse (`--strict`). Each thread opens the zip once. `native`: the
+    image as stored (H x W x 3; a CSV row is 48x48 gray, repeated to 3 channels).
     """
     if source.format.endswith(".csv"):
+        if native:
+            return lambda e: (np.repeat(_csv_row(source._csv_pixels[e.ref], source.path, e.id)[0][..., None], 3, 2), False)
         return lambda e: _csv_row(source._csv_pixels[e.ref], source.path, e.id)
     local = threading.local()
 
@@ -320,7 +394,7 @@ def _decoder(source: Source) -> Callable[[Entry], tuple[np.ndarray, bool] | str]
 
     def one(e: Entry) -> tuple[np.ndarray, bool] | str:
         try:
-            return decode_image(read(e))
+            return (decode_native(read(e)), False) if native else decode_image(read(e))
         except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
             return str(exc) or type(exc).__name__
 

@@ -10,15 +10,19 @@ The collectives carry only small Python objects (errors, metadata), never tensor
 a CPU `gloo` group even when the ranks compute on GPUs. Its timeout is long (`CONTROL_TIMEOUT`):
 between two sync points lie serial steps of minutes or hours (a model download, rank 0's commit,
 a shard on a slow device) that a default 10-30 minute collective timeout, or NCCL's watchdog,
-would end. A rank that dies is not waited for that long: torchrun stops the others.
+would end. A rank that dies is not waited for that long: torchrun stops the others. Joining the
+group is not a serial step, so it has a short timeout of its own (`JOIN_TIMEOUT`), and a rank that
+fails inside a long stretch of work flags it in the group's store, where the others' loops look
+every few seconds (`check_peers`) instead of finishing their own stretch first.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +31,7 @@ import torch.distributed as dist
 
 from fercache.data import rank_cores
 from fercache.encoder import pick_device
-from fercache.errors import UserError
+from fercache.errors import UserError, first_line
 
 
 class RankFailed(UserError):
@@ -56,6 +60,10 @@ def rank_and_world() -> tuple[int, int]:
 # How long a collective waits for the slowest rank's serial step (a dead process is noticed at
 # once; a machine that vanishes whole is waited for this long): FERCACHE_DIST_TIMEOUT seconds.
 CONTROL_TIMEOUT = timedelta(seconds=float(os.environ.get("FERCACHE_DIST_TIMEOUT", 24 * 3600)))
+# How long `torchrun_group` waits for every rank to join (all are started together; one that cannot
+# reach the others, say a host name resolving to 127.0.1.1, never will): FERCACHE_JOIN_TIMEOUT seconds.
+JOIN_TIMEOUT = timedelta(seconds=float(os.environ.get("FERCACHE_JOIN_TIMEOUT", 600)))
+PEER_POLL_SECONDS = 2.0  # how often `check_peers` asks the store whether another rank failed
 _control: list[Any] = []  # [the default group, the gloo group fercache's collectives use with it]
 
 
@@ -72,8 +80,9 @@ def _release_control() -> None:
 def control_group() -> Any:
     """The group fercache's own collectives use: gloo, on the CPU, with `CONTROL_TIMEOUT`.
 
-    The default group when `torchrun_group` made it; inside a group of the caller's own (NCCL,
-    or a short timeout) a gloo group over the same ranks, made once, as the first `step` begins.
+    A gloo group over the default group's ranks, made once: as `torchrun_group` joins (its default
+    group has the short `JOIN_TIMEOUT`), or inside a group of the caller's own (NCCL, or a short
+    timeout) as the first `step` begins.
     """
     world = dist.group.WORLD
     if not _control or _control[0] is not world:  # a new default group: the old one's subgroup went with it
@@ -89,16 +98,21 @@ def barrier() -> None:
 def rank_device(device: str = "auto") -> str:
     """The device this rank computes on: `auto` and `cuda` become a GPU of its own.
 
-    With one GPU visible (SLURM's `--gpus-per-task 1`, or CUDA_VISIBLE_DEVICES set per rank) that
-    GPU, `cuda:0`; with several, the one at its local rank, `cuda:<LOCAL_RANK>`. An explicit
-    `cuda:N` is used as given.
+    With one GPU visible, that GPU, `cuda:0`: the rank's own where CUDA_VISIBLE_DEVICES picked it
+    (SLURM's `--gpus-per-task 1` sets it per task), refused when several ranks share a machine's
+    only GPU. With several, the one at its local rank, `cuda:<LOCAL_RANK>`, refused when the
+    machine has more ranks than GPUs. Every rank of a machine decides alike (same environment
+    but LOCAL_RANK), so none is left waiting to join. An explicit `cuda:N` is used as given.
     """
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
         visible, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
-        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > visible or (visible > 1 and local >= visible):
-            raise UserError(f"local rank {local} has no GPU of its own ({visible} visible): start at most one "
-                            "rank per GPU (--nproc-per-node), or show each rank only its own GPU")
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        chosen_per_rank = visible == 1 and "CUDA_VISIBLE_DEVICES" in os.environ
+        if ranks > visible and not chosen_per_rank:
+            raise UserError(f"local rank {local} has no GPU of its own ({ranks} ranks on this machine, {visible} "
+                            "GPU(s) visible): start at most one rank per GPU (--nproc-per-node), or show each "
+                            "rank only its own GPU (CUDA_VISIBLE_DEVICES, srun --gpus-per-task 1)")
         dev = torch.device("cuda", local if visible > 1 else 0)
     return str(dev)
 
@@ -130,13 +144,30 @@ def torchrun_group(device: str = "auto") -> Iterator[tuple[str, int]]:
         torch.cuda.set_device(torch.device(device))
     elif device == "cpu":
         torch.set_num_threads(cpu_threads())
-    dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
-    _control[:] = [dist.group.WORLD, dist.group.WORLD]
+    _join()
     try:
         yield device, dist.get_rank()
     finally:
         _control.clear()
         dist.destroy_process_group()
+
+
+def _join() -> None:
+    """Join torchrun's group within `JOIN_TIMEOUT`, then make the gloo group with `CONTROL_TIMEOUT`
+    that fercache's collectives use; a rank that cannot join says so in one line."""
+    try:
+        dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+        control_group()
+    except RuntimeError as exc:  # torch's DistError and gloo's connection errors alike
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        env = os.environ.get
+        raise UserError(f"rank {env('RANK', '?')} of {env('WORLD_SIZE', '?')} could not join the others at "
+                        f"MASTER_ADDR {env('MASTER_ADDR', '?')}:{env('MASTER_PORT', '?')} within "
+                        f"{JOIN_TIMEOUT.total_seconds():g} s (FERCACHE_JOIN_TIMEOUT; {first_line(exc)}): start "
+                        "every rank, make MASTER_ADDR an address all machines reach (a host name must not resolve "
+                        "to 127.0.1.1) and name the network interface in GLOO_SOCKET_IFNAME (and "
+                        "NCCL_SOCKET_IFNAME), e.g. eth0") from None
 
 
 def _gather(value: Any) -> list[Any]:
@@ -145,24 +176,56 @@ def _gather(value: Any) -> list[Any]:
     return values
 
 
+class _PeerFailed(Exception):
+    """Raised by `check_peers` on a rank whose work another rank's failure made pointless."""
+
+
+_steps: list[int] = [0]  # `step`s begun, the same count on every rank: names each step's failure flag
+_flag: list[str] = []  # the running step's flag key, while a step runs under a process group
+_looked: list[float] = [0.0]  # when `check_peers` last asked the store
+
+
+def check_peers() -> None:
+    """Stop this rank's part of a `step` if another rank's has failed; call it often in long loops.
+
+    The failing rank sets a flag in the group's key-value store; this looks (one small request) at
+    most every `PEER_POLL_SECONDS`, so a rank learns of a failure within seconds instead of after
+    its whole shard. Free outside a process group.
+    """
+    if not _flag or time.monotonic() - _looked[0] < PEER_POLL_SECONDS:
+        return
+    _looked[0] = time.monotonic()
+    if dist.distributed_c10d._get_default_store().check([_flag[0]]):
+        raise _PeerFailed()
+
+
 @contextmanager
 def step() -> Iterator[None]:
     """Work every rank does up to a sync point; if it failed on any rank, it fails on all.
 
     Every rank raises `RankFailed('rank N: <message>')` with the first failing rank's one-line
     message; a rank that failed with something other than a `UserError` (a bug) re-raises its
-    own exception, traceback and all. Outside a process group it is transparent.
+    own exception, traceback and all. Loops inside call `check_peers` to stop early when another
+    rank failed. Outside a process group it is transparent.
     """
     rank, world = rank_and_world()
     if world == 1:
         yield
         return
     control_group()  # made before the work: making it is itself a collective under the caller's timeout
+    _steps[0] += 1
+    _flag[:], _looked[0] = [f"fercache/failed/{_steps[0]}"], time.monotonic()
     error: Exception | None = None
     try:
         yield
-    except Exception as exc:  # shared below, then raised on every rank
+    except _PeerFailed:  # another rank's failure, shared below
+        pass
+    except Exception as exc:  # flagged for the others' `check_peers`, shared below, then raised on every rank
         error = exc
+        with suppress(RuntimeError):  # a store already gone (the job is ending) must not hide the error
+            dist.distributed_c10d._get_default_store().set(_flag[0], str(rank))
+    finally:
+        _flag.clear()
     message = None
     if error is not None:
         text = (str(error).strip().splitlines() or [""])[0]

@@ -4,8 +4,9 @@ Any Hugging Face vision backbone with a pooled output loads through the same pat
 local folder, honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE; never `trust_remote_code`), at
 one exact checkpoint (`fercache.checkpoint`: a hub commit or a folder's weight fingerprint). What
 its features are, per family (CLIP, SigLIP, DINOv2, ViT, ConvNeXt, ResNet, EfficientNet), is
-`fercache.families`' business. `pixels` is a floor for every table: the raw 48x48 pixels as a
-2,304-d vector, no network at all.
+`fercache.families`' business. OpenCLIP and timm checkpoints load through their own libraries
+(`fercache.backends`: one registered entry per library), pinned the same way. `pixels` is a floor
+for every table: the raw 48x48 pixels as a 2,304-d vector, no network at all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fercache.backends import TOKENS, Backend, Tower, backend_of
 from fercache.checkpoint import resolve
 from fercache.errors import UserError, first_line
 from fercache.families import (FAMILIES, Family, family_of, feature_dims, features, layer_count, model_class,
@@ -25,7 +27,6 @@ from fercache.names import DEFAULT_MODEL, DTYPES, PIXELS, PREPROCESS, SIZE, choi
 from fercache.preprocess import Preprocessor, recipe_for
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 matmul instructions (Linux /proc/cpuinfo)
-TOKENS = "tokens"  # `_features`' key for the token sequence entering block `tokens` + 1
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -95,6 +96,7 @@ class Encoder:
     prep: Preprocessor | None = None
     family: Family | None = None  # None: a vision model of no known family (pooled feature only)
     config: object = None  # the vision tower's config (where stage k's blocks end, ...)
+    tower: Tower | None = None  # an OpenCLIP or timm model (then `model` is its module)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -135,6 +137,9 @@ class Encoder:
             flat = torch.as_tensor(pixels).reshape(len(pixels), -1)
             return {None: flat.float() / 255}
         keep = self.identity.tokens if tokens else None
+        if self.tower is not None:
+            feats = self.tower.features(self.prep(pixels), self.layers, keep)
+            return {layer: f.half() if layer == TOKENS else f.float() for layer, f in feats.items()}
         out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers) or keep is not None)
         feats = features(self.family, self.model, out, self.config, self.layers)
         feats = {layer: f.float() for layer, f in feats.items()}
@@ -164,6 +169,9 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
                             "has none")
         return Encoder(Identity(PIXELS, "none", "pixels", "float32", image_size=SIZE), {None: SIZE * SIZE})
     choice(preprocess, PREPROCESS, "preprocessing")
+    backend = backend_of(model)
+    if backend is not None:
+        return _library_encoder(backend, model, preprocess, dev, dtype, layers, weights, tokens, revision, fingerprint)
     checkpoint = resolve(model, revision, fingerprint)
     pin = checkpoint.load_kwargs
 
@@ -179,12 +187,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         known = ", ".join(f.name for f in FAMILIES.values())
         raise UserError(f"--layers: model '{model}' ({config.model_type}) is of no family whose layers fercache "
                         f"reads ({known}); its pooled feature works")
-    if tokens is not None and (family is None or family.kind == "stage"):
-        raise UserError(f"--tokens: model '{model}' ({config.model_type}) has no token sequence to store; "
-                        "stage three tunes ViT-like towers (CLIP, SigLIP, DINOv2, ViT)")
-    if tokens is not None and not 0 <= tokens < n_layers:
-        raise UserError(f"--tokens {tokens}: model '{model}' has blocks 1 to {n_layers}; tokens 0 to {n_layers - 1} "
-                        "(--tokens K stores what enters block K+1)")
+    check_tokens(model, config.model_type, tokens, n_layers if family and family.kind != "stage" else None)
     torch_dtype = pick_dtype(dtype, dev)
     layer_ids = tuple(parse_layers(layers, n_layers or 0))
     identity = Identity(model, preprocess, family.feature if family else "pooler_output",
@@ -214,5 +217,42 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
             raise UserError(f"model '{model}' lacks {len(info['missing_keys'])} of {cls.__name__}'s weights "
                             f"(first: {sorted(info['missing_keys'])[0]}); they would be random numbers")
         enc.model = net.to(dev).eval().requires_grad_(False)
+        enc.prep = Preprocessor(recipe, dev, torch_dtype)
+    return enc
+
+
+def check_tokens(model: str, kind: str, tokens: int | None, n_blocks: int | None) -> None:
+    """`--tokens K` needs a token tower (`n_blocks`: its block count; None: it has none) with K < blocks."""
+    if tokens is None:
+        return
+    if n_blocks is None:
+        raise UserError(f"--tokens: model '{model}' ({kind}) has no token sequence to store; "
+                        "stage three tunes ViT-like towers (CLIP, SigLIP, DINOv2, ViT)")
+    if not 0 <= tokens < n_blocks:
+        raise UserError(f"--tokens {tokens}: model '{model}' has blocks 1 to {n_blocks}; tokens 0 to {n_blocks - 1} "
+                        "(--tokens K stores what enters block K+1)")
+
+
+def _library_encoder(backend: Backend, model: str, preprocess: str, dev: torch.device, dtype: str,
+                     layers: str | None, weights: bool, tokens: int | None, revision: str | None,
+                     fingerprint: str) -> Encoder:
+    """An OpenCLIP or timm model as an `Encoder`: the same checks, identity and features as the HF families'."""
+    backend.library(model)  # a missing extra is named before anything is fetched
+    checkpoint = resolve(model, revision, fingerprint, repo=backend.repo(model), config=backend.config)
+    torch_dtype = pick_dtype(dtype, dev)
+    empty = backend.open(model, checkpoint, torch_dtype, weights=False)  # on `meta`: its config and sizes, fast
+    kind = f"{backend.name} {type(empty.module).__name__}"
+    if layers and empty.depth is None:
+        raise UserError(f"--layers: model '{model}' ({kind}) has no blocks fercache reads; its pooled feature works")
+    check_tokens(model, kind, tokens, empty.depth if empty.token_tower else None)
+    layer_ids = tuple(parse_layers(layers, empty.depth or 0))
+    recipe = recipe_for(preprocess, None, empty.image_size) if preprocess == "seed" else empty.recipe()
+    identity = Identity(model, preprocess, empty.feature, str(torch_dtype).removeprefix("torch."),
+                        image_size=recipe.crop, revision=checkpoint.revision, weights=checkpoint.weights,
+                        layers=layer_ids, tokens=tokens)
+    enc = Encoder(identity, empty.dims(layer_ids))
+    if weights:
+        enc.tower = backend.open(model, checkpoint, torch_dtype, weights=True)
+        enc.model = enc.tower.module.to(dev)
         enc.prep = Preprocessor(recipe, dev, torch_dtype)
     return enc

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fercache.cache import PartFile, cache_meta, commit, part_path, read_identity, shard_digest, split_state
+from fercache.cache import (PartFile, cache_meta, commit, part_path, read_identity, resumed_rows, shard_digest,
+                            split_state)
 from fercache.data import Entry, Source, open_source
-from fercache.distributed import agree, rank_and_world, step
+from fercache.distributed import agree, check_peers, rank_and_world, step
 from fercache.encoder import Encoder, load_encoder, pick_device
-from fercache.errors import UserError, at_least_one
+from fercache.errors import UserError, at_least_one, first_line, warn
 from fercache.names import DEFAULT_MODEL, TTA, choice, default_cache, feature_name
 
 
@@ -39,7 +40,7 @@ class Summary:
     seconds: float
     cache: Path
     skipped: bool = False
-    resumed: int = 0  # rows an interrupted run had already encoded (this rank's)
+    resumed: int = 0  # rows an interrupted run had already encoded (all ranks' on rank 0, else this rank's)
 
     def __str__(self) -> str:
         if self.skipped:
@@ -52,6 +53,19 @@ class Summary:
 
 BATCH_SIZE = {"cuda": 256}  # images per forward pass by device type, unless given; 64 elsewhere
 FLUSH_SECONDS = 2.0  # how often the writer makes the rows so far durable (and at the end)
+SHARD_UNIT = 256  # ranks' shards are whole units of this many images where the split has enough
+
+
+def shard_bounds(count: int, world: int) -> np.ndarray:
+    """Where each rank's contiguous shard of `count` images starts and ends (`world + 1` bounds).
+
+    By the count alone, never the batch size, so a rerun with another `--batch-size` (after running
+    out of memory) resumes every shard. In whole units of `SHARD_UNIT` where every rank gets one:
+    any batch size that divides 256 (the defaults 64 and 256 among them) then makes each rank
+    encode exactly the batches one process would, and so the same arrays.
+    """
+    unit = SHARD_UNIT if count >= world * SHARD_UNIT else 1
+    return np.minimum(np.linspace(0, -(-count // unit), world + 1).astype(int) * unit, count)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -130,18 +144,16 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
         start = time.perf_counter()
         parts = [part_path(path, name, r, world) for r in range(world)]
         with step():
-            # Shards of whole batches: with every image readable, each rank encodes the very batches
-            # one process would (the same arrays), and each decodes only its own images.
+            # each rank decodes only its own shard's images (see `shard_bounds`)
             entries = source.select(name)[:limit]
-            batches = -(-len(entries) // batch_size)
-            if batches < world:
-                raise UserError(f"{world} ranks for {batches} batch(es) of '{name}': use fewer ranks "
-                                "or a smaller --batch-size")
-            bounds = np.minimum(np.linspace(0, batches, world + 1).astype(int) * batch_size, len(entries))
+            if len(entries) < world:
+                raise UserError(f"{world} ranks for {len(entries)} image(s) of '{name}': use fewer ranks")
+            bounds = shard_bounds(len(entries), world)
             mine = entries[bounds[rank]:bounds[rank + 1]]
-            # --force starts only its own part anew: the other ranks are writing theirs
+            # --force starts only its own part anew (the other ranks are writing theirs), and not
+            # one the same --force command made before it was interrupted
             part = PartFile(parts[rank], meta, shard_digest([e.id for e in mine]), len(mine), shapes, batch_size,
-                            fresh=force)
+                            forced=force)
             resumed = part.rows
             try:
                 with tqdm(total=len(mine), initial=part.consumed, unit="img", desc=f"extract {name}",
@@ -156,10 +168,10 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                 if missing:
                     raise UserError(f"{missing[0]}: a rank's part file is not here; with several machines "
                                     "the cache must be on a filesystem they all share")
+                resumed = resumed_rows(parts)  # every rank's, as `count` is every rank's
                 count = commit(path, name, parts, meta, selection, replace=replace)
         replace = False
-        summaries.append(Summary(name, count, encoder.dim, time.perf_counter() - start, path,
-                                 resumed=resumed * world))  # ranks resume alike: whole batches of equal shards
+        summaries.append(Summary(name, count, encoder.dim, time.perf_counter() - start, path, resumed=resumed))
     return summaries
 
 
@@ -177,9 +189,9 @@ def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encod
     cuda = device.type == "cuda"
     writer = _Writer(part)
     first, looked = part.consumed, part.consumed
-    done = False
     try:
         for positions, pixels in _batches(source.stream(entries[first:], strict), batch_size):
+            check_peers()  # another rank failed: stop now, not after this shard
             faces = torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True) if cuda else pixels
             try:
                 feats = encoder.tensors(faces, views)
@@ -201,9 +213,14 @@ def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encod
             bar.update(consumed - looked)
             looked = consumed
         bar.update(len(entries) - looked)
-        done = True
-    finally:
-        writer.close(done, len(entries))
+    except BaseException as exc:  # the loop's own error is the one raised; the writer's is said beside it
+        try:
+            writer.close(False, len(entries))
+        except BaseException as late:
+            if late is not exc:
+                warn(f"{part.path}: writing the last rows also failed: {type(late).__name__}: {first_line(late)}")
+        raise
+    writer.close(True, len(entries))
 
 
 def _batches(chunks: Iterator[tuple[list[int], np.ndarray]], size: int) -> Iterator[tuple[list[int], np.ndarray]]:

@@ -10,6 +10,7 @@ The pooled feature (`embeddings`) is the model's `pooler_output`, flattened; `--
 Any other model whose config maps to a transformers vision model (`AutoModel`, no remote code)
 with a pooled output loads too, for its pooled feature only. Feature sizes come from one forward
 pass on the `meta` device (shapes, no weights, no memory), through the same code that extracts.
+OpenCLIP and timm checkpoints are read by their own libraries instead (`fercache.backends`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ fine-tuning recipe, `--blocks all` included (the stem, patch and position embedd
 The recipe: AdamW with linear warm-up and cosine decay, weight decay on matrices only, optional
 label smoothing, layer-wise learning-rate decay (block j below the top learns at lr x decay^j);
 the model is chosen, and training stopped early, on a validation part of train (or on PublicTest
-with `val="public_test"`, reporting on PrivateTest), never on test.
+with `val="public_test"`, reporting on PrivateTest), never on test. The head starts from a linear
+probe of the starting model's pooled feature (linear-probe-then-fine-tune, Kumar et al., ICLR
+2022: logistic regression, its standardisation folded into the layer), and that start is epoch 0,
+a candidate like every other epoch: a tuned run never ends below its probe on validation.
+Validation and test are scored in float32 whatever the training autocast, as `evaluate` scores.
 
 Every epoch ends with a checkpoint (one safetensors file: weights, best weights, AdamW's state and
 the random generators' states as tensors, the rest as JSON in its header), written atomically, so
@@ -39,7 +43,6 @@ from tqdm import tqdm
 
 from fercache.encoder import Encoder, load_encoder, pick_device
 from fercache.errors import UserError, at_least_one
-from fercache.families import pooled
 from fercache.identity import ENCODER, Identity
 from fercache.logreg import stratified_split
 from fercache.names import CLASSES, TUNED_CONFIG, VALS, choice
@@ -47,6 +50,7 @@ from fercache.names import CLASSES, TUNED_CONFIG, VALS, choice
 WEIGHTS, CONFIG, CHECKPOINT = "tuned.safetensors", TUNED_CONFIG, "checkpoint.safetensors"
 VAL_FRACTION = 0.1  # of train, stratified, when choosing on train
 TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 would need loss scaling
+SCORE_BATCH = 256  # faces per scoring step, in training and in `evaluate` alike (the same batches, the same sums)
 # Where Hugging Face vision towers keep their parts (transformers 4 and 5 spellings).
 BLOCK_LISTS = ("encoder.layers", "encoder.layer", "layers")
 NORMS = ("post_layernorm", "layernorm")
@@ -140,18 +144,30 @@ class TopModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooled(tokens))
 
+    def base_name(self, name: str) -> str:
+        """The name the base model gives one of this model's tensors (`classifier.*` is new)."""
+        part, _, rest = name.partition(".")
+        if part == "blocks":
+            index, _, rest = rest.partition(".")
+            return f"{self.names['blocks']}.{self.first + int(index)}.{rest}"
+        return f"{self.names[part]}.{rest}" if part in ("norm", "pooler") else name
+
     def tuned_state(self) -> dict[str, torch.Tensor]:
-        """The tuned tensors under the names the base model gives them (`classifier.*` is new)."""
-        out = {}
-        for name, t in self.state_dict().items():
-            part, _, rest = name.partition(".")
-            if part == "blocks":
-                index, _, rest = rest.partition(".")
-                name = f"{self.names['blocks']}.{self.first + int(index)}.{rest}"
-            elif part in ("norm", "pooler"):
-                name = f"{self.names[part]}.{rest}"
-            out[name] = t.detach().to("cpu", torch.float32).contiguous()
-        return out
+        """The tuned tensors under the names the base model gives them."""
+        return {self.base_name(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in self.state_dict().items()}
+
+    def load_tuned_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of `tuned_state` (in float32, whatever the dtype of the tower it was copied from)."""
+        self.load_state_dict({n: tensors[self.base_name(n)] for n in self.state_dict()})
+
+    @torch.no_grad()
+    def start_from(self, head) -> None:
+        """Set the classifier to a fitted `heads.Head`, its standardisation folded in:
+        ((x - mean) / std) @ W.T + b = x @ (W / std).T + (b - (W / std) @ mean)."""
+        w = torch.from_numpy(head.weight / head.std).float()
+        b = torch.from_numpy(head.bias).float() - w @ torch.from_numpy(head.mean).float()
+        self.classifier.weight.copy_(w)
+        self.classifier.bias.copy_(b)
 
     def param_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
         """AdamW groups: block j below the top at lr x layer_decay^j (norm, pooling, head: lr);
@@ -200,6 +216,7 @@ class Split:
     y: np.ndarray
     ids: list[str]
     usage: list[str]
+    computed_in: str = "float32"  # the dtype the encoder computed tokens in (a cache's `dtype`); faces: float32
 
 
 @dataclass(frozen=True)
@@ -253,13 +270,14 @@ class Feed:
         self.encoder, self.tower, self.first, self.settings, self.device = encoder, tower, first, settings, device
 
     def __call__(self, split: Split, rows: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
-        """Tokens of `rows`; faces go through the frozen lower part (augmented when `gen` is given)."""
+        """Tokens of `rows`; faces go through the frozen lower part: for training (`gen` given,
+        augmented if asked) under the training autocast, for scoring (`gen` None) in float32."""
         if not self.settings.from_images:
             return torch.from_numpy(split.x[rows]).to(self.device, torch.float32)
         pixels = self.encoder.prep(split.x[rows])
         if gen is not None and self.settings.augment:
             pixels = augment(pixels, gen)
-        with torch.no_grad(), _autocast(self.device, self.settings.dtype):
+        with torch.no_grad(), _autocast(self.device, self.settings.dtype if gen is not None else "float32"):
             return self.tower.lower(pixels, self.first).float()
 
 
@@ -268,17 +286,25 @@ def _autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def score_rows(model: TopModel, feed: Feed, split: Split, rows: np.ndarray, batch_size: int,
-               dtype: str) -> tuple[float, float, np.ndarray]:
-    """Mean cross-entropy, accuracy and the logits of `rows`, in batches, no augmentation."""
+def pooled_rows(model: TopModel, feed: Feed, split: Split, rows: np.ndarray) -> torch.Tensor:
+    """The pooled features of `rows` in float32 (no autocast, no augmentation), `SCORE_BATCH` at a time."""
     model.eval()
-    logits = []
-    for i in range(0, len(rows), batch_size):
-        with _autocast(feed.device, dtype):
-            logits.append(model(feed(split, rows[i:i + batch_size], None)).float())
-    z = torch.cat(logits)  # `choose_parts` leaves no part empty
-    y = torch.from_numpy(np.asarray(split.y[rows], dtype=np.int64)).to(z.device)
-    return F.cross_entropy(z, y).item(), (z.argmax(1) == y).float().mean().item(), z.cpu().numpy()
+    return torch.cat([model.pooled(feed(split, rows[i:i + SCORE_BATCH], None))
+                      for i in range(0, len(rows), SCORE_BATCH)])  # `choose_parts` leaves no part empty
+
+
+def _scores(z: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of logits `z` for labels `y`."""
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(z.device)
+    return F.cross_entropy(z, y).item(), (z.argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def score_rows(model: TopModel, feed: Feed, split: Split, rows: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Mean cross-entropy, accuracy and the logits of `rows`, in float32 as `evaluate` scores them
+    (the training autocast would change the figures: bfloat16 keeps 8 bits of mantissa)."""
+    z = model.classifier(pooled_rows(model, feed, split, rows))
+    return *_scores(z, split.y[rows]), z.cpu().numpy()
 
 
 @dataclass
@@ -294,6 +320,7 @@ class TuneResult:
     test_logits: np.ndarray | None = field(default=None, repr=False)  # the chosen model's, on the test rows
     test_rows: np.ndarray | None = field(default=None, repr=False)  # all of test, or PrivateTest's (--val public_test)
     val_count: int = 0
+    probe: dict = field(default_factory=dict)  # the starting head's logistic regression: {"C", "val_acc"}
 
 
 def _data_key(parts: dict[str, tuple[Split, np.ndarray]]) -> str:
@@ -340,13 +367,32 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it to start over") from None
 
 
+@torch.no_grad()
+def start_from_probe(model: TopModel, feed: Feed, parts: dict[str, tuple[Split, np.ndarray]], seed: int) -> dict:
+    """Epoch 0: the head set to a logistic regression on the starting model's pooled feature of the
+    fit rows (C chosen on the validation rows), and that start scored like any epoch."""
+    from fercache.logreg import fit_logreg
+
+    (split, fit_rows), (val_split, val_rows), (test_split, test_rows) = parts["fit"], parts["val"], parts["test"]
+    X, X_val = pooled_rows(model, feed, split, fit_rows), pooled_rows(model, feed, val_split, val_rows)
+    head, search = fit_logreg(X.cpu().numpy(), split.y[fit_rows], seed=seed,
+                              val=(X_val.cpu().numpy(), val_split.y[val_rows]), device=str(X.device))
+    model.start_from(head)
+    train_loss, train_acc = _scores(model.classifier(X), split.y[fit_rows])
+    val_loss, val_acc = _scores(model.classifier(X_val), val_split.y[val_rows])
+    test_loss, test_acc, _ = score_rows(model, feed, test_split, test_rows)
+    return {"epoch": 0, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "probe_C": search["C"]}
+
+
 def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: str | os.PathLike,
          device: str = "auto", restart: bool = False, progress: bool = True) -> TuneResult:
     """Train the top `settings.blocks` blocks of `encoder` (with `blocks` = depth: all of them).
 
     `train.x`/`test.x` hold the tokens entering the first tuned block, or faces with
-    `settings.from_images`. Writes `tuned.safetensors` and `tuned.json` (the model chosen on
-    validation) into `out`, with a checkpoint there after every epoch that a rerun resumes from
+    `settings.from_images`. The head starts from a probe (`start_from_probe`), epoch 0 of the
+    history. Writes `tuned.safetensors` and `tuned.json` (the epoch chosen on validation, 0
+    included) into `out`, with a checkpoint there after every epoch that a rerun resumes from
     (`restart` discards it); the checkpoint goes once the run is done.
     """
     at_least_one(epochs=settings.epochs, batch_size=settings.batch_size, blocks=settings.blocks,
@@ -356,6 +402,9 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
     if settings.lr <= 0 or not 0 < settings.layer_decay <= 1 or not 0 <= settings.label_smoothing < 1:
         raise UserError(f"need --lr > 0, 0 < --layer-decay <= 1 and 0 <= --label-smoothing < 1 (got {settings.lr}, "
                         f"{settings.layer_decay}, {settings.label_smoothing})")
+    if train.computed_in != test.computed_in:
+        raise UserError(f"train tokens computed in {train.computed_in}, test tokens in {test.computed_in}: "
+                        "extract both with one --dtype")
     dev = pick_device(device)
     tower = Tower.of(encoder.model, f"model '{encoder.identity.model}'")
     if settings.blocks > tower.depth:
@@ -373,15 +422,14 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
     ckpt = out / CHECKPOINT
     identity = encoder.identity.encoder().to_meta()
     state = {"format": "fercache-finetune-checkpoint", "settings": asdict(settings), "encoder": identity,
-             "data": _data_key(parts), "epoch": 0, "history": [], "epoch_seconds": [], "best_epoch": 0,
-             "best_score": None, "stale": 0}
-    best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+             "data": _data_key(parts), "tokens_dtype": train.computed_in, "epoch": 0, "history": [],
+             "epoch_seconds": [], "best_epoch": 0, "best_score": None, "stale": 0, "probe": {}}
     if restart:
         ckpt.unlink(missing_ok=True)
     resumed_from = 0
     if ckpt.exists():
         tensors, saved = load_checkpoint(ckpt)
-        differ = [k for k in ("settings", "encoder", "data") if saved.get(k) != state[k]]
+        differ = [k for k in ("settings", "encoder", "data", "tokens_dtype") if saved.get(k) != state[k]]
         if differ:
             raise UserError(f"{ckpt} is a checkpoint of another run ({', '.join(differ)} differ); "
                             "use another --out, or --restart to discard it")
@@ -399,6 +447,12 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
             torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
         state = saved
         resumed_from = state["epoch"]
+    else:  # a fresh run: start from the probe, the first candidate
+        start = start_from_probe(model, feed, parts, settings.seed)
+        state["probe"] = {"C": start.pop("probe_C"), "val_acc": start["val_acc"]}
+        state["history"].append(start)
+        state["best_score"] = [start["val_acc"], -start["val_loss"]]
+        best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     (split, fit_rows), (val_split, val_rows), (test_split, test_rows) = parts["fit"], parts["val"], parts["test"]
     steps = -(-len(fit_rows) // settings.batch_size)
@@ -429,12 +483,12 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
                     loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                     correct += int((logits.argmax(1) == y).sum())
                 bar.update(len(rows))
-        val_loss, val_acc, _ = score_rows(model, feed, val_split, val_rows, settings.batch_size, settings.dtype)
-        test_loss, test_acc, _ = score_rows(model, feed, test_split, test_rows, settings.batch_size, settings.dtype)
+        val_loss, val_acc, _ = score_rows(model, feed, val_split, val_rows)
+        test_loss, test_acc, _ = score_rows(model, feed, test_split, test_rows)
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / len(order), "train_acc": correct / len(order),
                                  "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc})
         state["epoch_seconds"].append(round(time.perf_counter() - start, 3))
-        if state["best_score"] is None or (val_acc, -val_loss) > tuple(state["best_score"]):
+        if (val_acc, -val_loss) > tuple(state["best_score"]):  # strictly better than every epoch before, 0 included
             state["best_score"], state["best_epoch"], state["stale"] = [val_acc, -val_loss], epoch, 0
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
@@ -444,10 +498,10 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
 
     model.load_state_dict(best)
     save_tuned(out, model, encoder, settings, state)
-    _, _, test_logits = score_rows(model, feed, test_split, test_rows, settings.batch_size, settings.dtype)
+    _, _, test_logits = score_rows(model, feed, test_split, test_rows)
     ckpt.unlink(missing_ok=True)
     return TuneResult(model, state["history"], state["best_epoch"], state["epoch_seconds"], out, resumed_from,
-                      test_logits, test_rows, len(val_rows))
+                      test_logits, test_rows, len(val_rows), state["probe"])
 
 
 def save_tuned(out: Path, model: TopModel, encoder: Encoder, settings: Settings, state: dict) -> None:
@@ -460,7 +514,7 @@ def save_tuned(out: Path, model: TopModel, encoder: Encoder, settings: Settings,
               "encoder": encoder.identity.encoder().to_meta(),
               "first_block": model.first, "blocks": list(range(model.first + 1, tower_depth + 1)),
               "depth": tower_depth, "parts": model.names, "best_epoch": state["best_epoch"],
-              "settings": asdict(settings)}
+              "tokens_dtype": state["tokens_dtype"], "probe": state["probe"], "settings": asdict(settings)}
     (out / CONFIG).unlink(missing_ok=True)
     tmp = out / f"{WEIGHTS}.tmp-{os.getpid()}"
     save_file(model.tuned_state(), tmp)
@@ -481,28 +535,27 @@ class Tuned:
         return Identity.from_meta(self.config["encoder"])
 
     @torch.no_grad()
-    def logits_from_tokens(self, tokens: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def logits_from_tokens(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The tuned top in float32, `SCORE_BATCH` at a time: the very sums `finetune` scored test with."""
         self.top.eval()
         dev = next(self.top.parameters()).device
         t = torch.as_tensor(tokens)
-        return torch.cat([self.top(t[i:i + batch_size].to(dev, torch.float32)) for i in range(0, len(t), batch_size)]
-                         ).cpu().numpy()
+        pooled = torch.cat([self.top.pooled(t[i:i + SCORE_BATCH].to(dev, torch.float32))
+                            for i in range(0, len(t), SCORE_BATCH)])
+        return self.top.classifier(pooled).cpu().numpy()
 
-    @torch.no_grad()
     def logits_from_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """The whole base model, tuned blocks swapped in, on 48x48 uint8 faces."""
-        out = []
-        for i in range(0, len(pixels), batch_size):
-            out_i = self.encoder.model(pixel_values=self.encoder.prep(pixels[i:i + batch_size]))
-            out.append(self.top.classifier(pooled(self.encoder.family, out_i).float()))
-        return torch.cat(out).cpu().numpy()
+        """On 48x48 uint8 faces: the frozen lower blocks in the dtype the run's tokens were computed
+        in (the encoder is loaded in it), then the tuned top in float32."""
+        return self.logits_from_tokens(tokens_of(self.encoder, pixels, int(self.config["first_block"]), batch_size))
 
 
 def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
     """Read `tuned.json` + `tuned.safetensors`, load the base model they name and swap the tensors in.
 
     The base model must be the one tuned (same revision, or same weight files for a local folder):
-    otherwise a one-line error, since the untuned blocks below would differ.
+    otherwise a one-line error, since the untuned blocks below would differ. It is loaded in the
+    dtype the run's tokens were computed in, so its lower blocks compute them as they were.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -517,25 +570,27 @@ def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
         first = int(config["first_block"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise UserError(f"{folder}: broken tuned run ({type(exc).__name__}: {exc})") from None
-    encoder = load_encoder(wanted.model, wanted.preprocess, device, "float32",  # the very weights it was tuned from
-                           revision=wanted.revision or None, fingerprint=wanted.weights)
+    encoder = load_encoder(wanted.model, wanted.preprocess, device,  # the very weights it was tuned from
+                           config.get("tokens_dtype", "float32"), revision=wanted.revision or None,  # 0.2.0: float32
+                           fingerprint=wanted.weights)
     encoder.identity.check(wanted, f"model '{wanted.model}'", ENCODER,
                            hint=f"{folder} was tuned from another version of it")
     tower = Tower.of(encoder.model, f"model '{wanted.model}'")
-    expected = set(TopModel(tower, first, len(config["classes"])).tuned_state())
+    top = TopModel(tower, first, len(config["classes"]))
+    expected = set(top.tuned_state())
     if set(tensors) != expected:  # a tensor missing would leave the base weights in silently
         odd = sorted(set(tensors) ^ expected)
         raise UserError(f"{folder}: broken tuned run ({len(odd)} tensor(s) missing or unknown to model "
                         f"'{wanted.model}', e.g. {odd[0]})")
-    classifier = {k.removeprefix("classifier."): tensors.pop(k) for k in list(tensors) if k.startswith("classifier.")}
-    tower.module.load_state_dict(tensors, strict=False)  # the tuned part only: the rest is the base model's
-    top = TopModel(tower, first, len(config["classes"])).to(encoder.model.device)
-    top.classifier.load_state_dict(classifier)
-    return Tuned(encoder, top.eval().requires_grad_(False), config)
+    top.load_tuned_state(tensors)  # float32, as tuned
+    # the base model gets them too (the tuned part only: the rest is the base model's), in its own dtype
+    tower.module.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("classifier.")}, strict=False)
+    return Tuned(encoder, top.to(encoder.model.device).eval().requires_grad_(False), config)
 
 
 def tokens_of(encoder: Encoder, pixels: np.ndarray, first: int, batch_size: int = 64) -> np.ndarray:
-    """The float32 tokens entering block `first + 1` for 48x48 uint8 faces (the frozen lower part)."""
+    """The tokens entering block `first + 1` for 48x48 uint8 faces (the frozen lower part, in the
+    encoder's dtype), as float32."""
     tower = Tower.of(encoder.model)
     with torch.no_grad():
         return torch.cat([tower.lower(encoder.prep(pixels[i:i + batch_size]), first).float().cpu()
@@ -620,7 +675,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         splits = []
         for name in ("train", "test"):
             t = load_tokens(path, name)
-            splits.append(Split(t.X, t.y, t.ids, usage_of(path, name)))
+            splits.append(Split(t.X, t.y, t.ids, usage_of(path, name), held.dtype))
         train, test = splits
         where = {"cache": {"path": str(path), "meta": held.to_meta()}}
         source_path = t.meta.get("source", {}).get("path")
@@ -638,7 +693,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     y, usage = test.y[rows], [test.usage[i] for i in rows]
     z = torch.from_numpy(result.test_logits)
     proba = torch.softmax(z, 1).numpy()
-    loss = F.cross_entropy(z, torch.from_numpy(np.asarray(y, dtype=np.int64))).item()
+    loss, _ = _scores(z, y)
     test_split = "test" if val == "train" else "private_test"
     report = score_predictions(y, proba.argmax(1), loss, list(CLASSES), test_split, usage)
     identity = encoder.identity
@@ -649,7 +704,8 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         "train_count": len(train.y) - (result.val_count if val == "train" else 0), "val_count": result.val_count,
         "test_count": len(y), "history": result.history, "blocks": list(range(depth - n + 1, depth + 1)),
         "from_images": from_images, "best_epoch": result.best_epoch, "epoch_seconds": result.epoch_seconds,
-        "resumed_from_epoch": result.resumed_from, "settings": asdict(settings), **where,
+        "resumed_from_epoch": result.resumed_from, "probe": result.probe, "tokens_dtype": train.computed_in,
+        "settings": asdict(settings), **where,
     }
     title = f"{identity.model} · {method}"
     write_run(folder, metrics, list(CLASSES), title,
@@ -674,9 +730,13 @@ def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, spli
         stored = "no tokens" if held.tokens is None else f"the tokens entering block {held.tokens + 1}"
         raise UserError(f"{path} stores {stored}; {run} needs those entering block {first + 1} "
                         f"(extract --tokens {first})")
+    wanted = tuned.config.get("tokens_dtype", held.dtype)  # fercache 0.2.0's runs did not record it
+    if held.dtype != wanted:
+        raise UserError(f"{path} holds tokens computed in {held.dtype}; {run} was tuned on tokens computed in "
+                        f"{wanted} (extract --dtype {wanted})")
     t = load_tokens(path, split)
     logits = tuned.logits_from_tokens(t.X)
-    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(np.asarray(t.y, dtype=np.int64))).item()
+    loss, _ = _scores(torch.from_numpy(logits), t.y)
     report = {**score_predictions(t.y, logits.argmax(1), loss, tuned.config["classes"], split, usage_of(path, split)),
               "head": str(run), "cache": str(path)}
     title = f"{tuned.identity.model} · tuned top {len(tuned.config['blocks'])} on {split}"

@@ -156,7 +156,9 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
         curves = (history, "epoch", title)
     else:
         where = "PublicTest" if held is not None else f"a {search['val_fraction']:.0%} validation part of train"
-        curves = (search["validation"], "C", f"{title}: C = {search['C']:g} on {where} (one-SE rule)")
+        criterion = "balanced accuracy" if search["criterion"] == "val_bacc" else "accuracy"
+        curves = (search["validation"], "C",
+                  f"{title}: C = {search['C']:g} on {where} (one-SE rule, {criterion} and loss)")
     write_run(folder, metrics, head.classes, title, curves if plots else None,
               {"id": test.ids, "usage": usage, "label": test.y, "proba": proba},
               meta.get("source", {}).get("path"))

@@ -65,12 +65,17 @@ class Head:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.logits(X).argmax(axis=1)
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on labelled features."""
+    def losses(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's cross-entropy and whether it is predicted right (logreg needs the spread, not just the mean)."""
         z = self.logits(X).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-logp[np.arange(len(y)), y].mean()), float((z.argmax(axis=1) == y).mean())
+        return -logp[np.arange(len(y)), y], z.argmax(axis=1) == y
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on labelled features."""
+        loss, right = self.losses(X, y)
+        return float(loss.mean()), float(right.mean())
 
     def save(self, folder: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file
@@ -111,7 +116,11 @@ class Head:
 
 
 def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std of the training features (0 and 1 when not standardising)."""
+    """Per-feature mean and std of the features a head is fitted on (0 and 1 when not standardising).
+
+    Pass the fit rows only: rows held out to validate (logreg's C, probe's layer) must not shape
+    the standardisation they are then scored under.
+    """
     if not standardize:
         return np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
     mean, std = X.mean(axis=0, dtype=np.float32), X.std(axis=0, dtype=np.float32)  # float64 is slower and agrees to 1e-5

@@ -9,12 +9,16 @@ whatever the training rows hold: a class without rows is fitted like the others 
 near zero, its bias falls until its mean probability is within the tolerance), so heads always
 have the same shape.
 
-Why the one-standard-error rule: on FER2013 a random part of train is an optimistic and flat
-guide (validation accuracy barely separates C=0.003 from C=10 while test accuracy falls by seven
-points), so the single best validation score picks noise. Among the Cs whose validation accuracy
-is within one binomial standard error, sqrt(a (1 - a) / n_val), of the best, the smallest C (the
-strongest regularisation) is taken. With balanced class weights the criterion is what they aim
-at, balanced accuracy (its standard error: sqrt(sum over classes r (1 - r) / n_c) / K).
+Why the one-standard-error rule: validation scores carry sampling noise (one binomial standard
+error, sqrt(a (1 - a) / n_val), is 0.6 points on 5,742 faces and 13 points on a 10-shot draw's 14),
+so the single best score among 13 Cs picks noise as often as signal. The rule takes the strongest
+regularisation (smallest C) whose validation accuracy is within one standard error of the best
+and whose validation cross-entropy is within one standard error of the lowest. Accuracy alone is
+blind to how sure the head is: a head regularised to near-uniform probabilities keeps most of its
+argmaxes, so on a flat accuracy curve the smallest C would win and every probability sit near 1/7;
+the loss condition keeps the choice where the probabilities still mean something. With balanced
+class weights the accuracy criterion is what they aim at, balanced accuracy (its standard error:
+sqrt(sum over classes r (1 - r) / n_c) / K).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))  # half-decade steps
 VAL_FRACTION = 0.2
 TOL = 1e-4  # scikit-learn's: the largest gradient component at the optimum
 MAX_ITER = 1000
-PATIENCE = 3  # grid steps without a better validation accuracy before the walk stops
-MIN_C = 1e-8  # where the best C is the grid's smallest, the walk goes on down to here at most
+PATIENCE = 3  # grid steps without a better validation score or loss before the walk stops
+MIN_C = 1e-8  # where the strongest C tried is strictly the best, the walk goes on down to here at most
+LOSS_TOL = 1e-4  # a validation cross-entropy lower by less than this is no improvement (numerical noise)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +131,9 @@ class Problem:
         """The largest gradient component of the original objective (in pixel coordinates) at theta."""
         W = self.torch.as_tensor(theta, device=self.X.device).view(self.k, self.d + 1) * self.scale(C)
         grad = self._loss_grad(W, C)[1]
-        return float(self.torch.cat([grad[:, :-1] @ self.U.T, grad[:, -1:]], 1).abs().max())
+        # The caller's rows are uncentred (X = Xc + centre): d/dweight gains the bias gradient times the centre.
+        weight_grad = grad[:, :-1] @ self.U.T + grad[:, -1:] * self.centre.double()
+        return float(self.torch.cat([weight_grad, grad[:, -1:]], 1).abs().max())
 
     def theta_of(self, weight: np.ndarray, bias: np.ndarray, C: float) -> np.ndarray:
         """`weights`' inverse: scaled coordinates for this C of a solution (a warm start)."""
@@ -177,29 +184,30 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
 
     Validation is `val` (features and labels, e.g. PublicTest) when given, else a stratified
     `VAL_FRACTION` of the training rows (fixed by `seed`), after which the chosen C is refitted on
-    all of them. The grid is walked from strong to weak regularisation, each fit starting from the
-    previous solution, and stops once validation accuracy has not improved for `PATIENCE` steps;
-    where the best is the smallest C tried, it goes on down by half-decades until it is not.
-    Fits that do not converge within `MAX_ITER` iterations are named in one warning. Returns the
-    head (always one row per class) and the search: `{"C", "rule", "validation": [{"C",
-    "val_loss", "val_acc", "val_se", "n_iter", "converged"}], "val_count", ...}`.
+    all of them. Standardisation statistics come from the rows each fit is fitted on, never from
+    validation rows. The grid is walked from strong to weak regularisation, each fit starting from
+    the previous solution, and stops once neither validation score nor loss has strictly improved
+    for `PATIENCE` steps; where the strongest C tried is strictly the best, it goes on down by
+    half-decades until it is not (at most to `MIN_C`). A choice at either end of the Cs tried is
+    said in one warning (`C_at_edge`), as are fits that do not converge within `MAX_ITER`
+    iterations. Returns the head (always one row per class) and the search: `{"C", "rule",
+    "validation": [{"C", "val_loss", "val_loss_se", "val_acc", "val_se", "n_iter", "converged"}],
+    "val_count", "C_at_edge", ...}`.
     """
     y = np.asarray(y, dtype=np.int64)
     if X.ndim != 2 or len(X) != len(y) or len(y) == 0:
         raise UserError(f"logistic regression needs N x D features and N labels (got {X.shape} and {y.shape})")
-    mean, std = moments(np.asarray(X, dtype=np.float32), standardize)
-    Xs = ((X - mean) / std).astype(np.float32)
-    weights = sample_weights(y, class_weight)
+    X = np.asarray(X, dtype=np.float32)
     if val is None:
         fit_rows, val_rows = stratified_split(y, VAL_FRACTION, seed)
         if len(val_rows) == 0:
             raise UserError(f"{len(y)} training rows leave none per class to validate C on: use more (--shots 3 or "
                             "more) or validate on PublicTest (--val public_test)")
-        X_val, y_val = Xs[val_rows], y[val_rows]
-        problem = Problem(Xs[fit_rows], y[fit_rows], sample_weights(y[fit_rows], class_weight), device)
+        X_fit, y_fit, X_val, y_val = X[fit_rows], y[fit_rows], X[val_rows], y[val_rows]
     else:
-        X_val, y_val = ((np.asarray(val[0], dtype=np.float32) - mean) / std).astype(np.float32), np.asarray(val[1])
-        problem = Problem(Xs, y, weights, device)
+        X_fit, y_fit, X_val, y_val = X, y, np.asarray(val[0], dtype=np.float32), np.asarray(val[1], dtype=np.int64)
+    mean, std = moments(X_fit, standardize)
+    problem = Problem((X_fit - mean) / std, y_fit, sample_weights(y_fit, class_weight), device)
     curve, solutions = [], []
     # What chooses C: accuracy, or with balanced class weights what they aim at, balanced accuracy
     score, se = ("val_bacc", "val_bacc_se") if class_weight == "balanced" else ("val_acc", "val_se")
@@ -207,41 +215,58 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
     def step(C: float, start: tuple | None) -> None:
         theta, info = minimise(problem, C, None if start is None else problem.theta_of(*start, C))
         solution = problem.weights(theta, C)
-        head = _head(*solution, standardize)
-        loss, acc = head.score(X_val, y_val)
-        row = {"C": C, "val_loss": loss, "val_acc": acc, "val_se": float(np.sqrt(acc * (1 - acc) / len(y_val)))}
+        head = _head(*solution, mean, std, standardize)
+        losses, right = head.losses(X_val, y_val)
+        acc, n = float(right.mean()), len(y_val)
+        row = {"C": C, "val_loss": float(losses.mean()),
+               "val_loss_se": float(losses.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+               "val_acc": acc, "val_se": float(np.sqrt(acc * (1 - acc) / n))}
         if class_weight == "balanced":
             row.update(zip(("val_bacc", "val_bacc_se"), balanced_accuracy(y_val, head.predict(X_val))))
         at = 0 if curve and C < curve[0]["C"] else len(curve)
         solutions.insert(at, solution)
         curve.insert(at, {**row, "n_iter": info["n_iter"], "converged": info["converged"]})
 
+    last_better = 0
     for C in grid:  # strong to weak regularisation, each fit from the previous solution
         step(C, solutions[-1] if solutions else None)
-        if len(curve) - 1 - max(range(len(curve)), key=lambda i: curve[i][score]) >= PATIENCE:
+        new, before = curve[-1], curve[:-1]
+        if not before or new[score] > max(r[score] for r in before) \
+                or new["val_loss"] < min(r["val_loss"] for r in before) - LOSS_TOL:
+            last_better = len(curve) - 1
+        elif len(curve) - 1 - last_better >= PATIENCE:
             break
-    while max(range(len(curve)), key=lambda i: curve[i][score]) == 0 and curve[0]["C"] > MIN_C:
-        step(curve[0]["C"] / np.sqrt(10), solutions[0])  # the best is the strongest tried: go on down
+    # Only while strictly better: on a tie the strongest C has shown nothing, and walking on would
+    # hand the one-SE rule ever smaller Cs (down to MIN_C, every probability 1/7).
+    while len(curve) > 1 and curve[0][score] > max(r[score] for r in curve[1:]) and curve[0]["C"] > MIN_C:
+        step(curve[0]["C"] / np.sqrt(10), solutions[0])
     best = max(curve, key=lambda r: r[score])
-    chosen = next(i for i, r in enumerate(curve) if r[score] >= best[score] - best[se])
+    lowest = min(curve, key=lambda r: r["val_loss"])
+    within = [i for i, r in enumerate(curve) if r[score] >= best[score] - best[se]
+              and r["val_loss"] <= lowest["val_loss"] + lowest["val_loss_se"]]
+    chosen = within[0] if within else curve.index(best)
     C, solution = curve[chosen]["C"], solutions[chosen]
+    edge = "strongest" if chosen == 0 else "weakest" if chosen == len(curve) - 1 else None
+    if edge:
+        warn(f"logistic regression: C={C:g} is the {edge} regularisation tried (C from {curve[0]['C']:g} to "
+             f"{curve[-1]['C']:g}); validation ({len(y_val)} faces) shows no turn beyond it, so C is a bound, "
+             "not an optimum")
     final = {"n_iter": curve[chosen]["n_iter"], "converged": curve[chosen]["converged"]}
-    if val is None:  # refit on every training row, from the validation fit's solution
-        problem = Problem(Xs, y, weights, device)
-        theta, final = minimise(problem, C, problem.theta_of(*solution, C))
+    if val is None:  # refit on every training row (their own standardisation), from the validation fit's solution
+        fit_moments, (mean, std) = (mean, std), moments(X, standardize)
+        problem = Problem((X - mean) / std, y, sample_weights(y, class_weight), device)
+        theta, final = minimise(problem, C, problem.theta_of(*_restandardise(*solution, fit_moments, (mean, std)), C))
         solution = problem.weights(theta, C)
     stalled = [f"C={r['C']:g}" for r in curve if not r["converged"]] + ([] if final["converged"] else ["the final fit"])
     if stalled:
         warn(f"logistic regression: the fit at {', '.join(stalled)} did not converge (largest gradient component "
              f"still above {TOL:g} after at most {MAX_ITER} iterations); its figures are approximate")
     search = {"C": C, "rule": "one standard error", "criterion": score, "best_val_C": best["C"],
-              "class_weight": class_weight,
+              "lowest_val_loss_C": lowest["C"], "C_at_edge": edge, "class_weight": class_weight,
               "val": "given" if val is not None else f"{VAL_FRACTION:.0%} of train", "val_count": int(len(y_val)),
               "val_fraction": VAL_FRACTION if val is None else None, "validation": curve,
               "n_iter": final["n_iter"], "converged": final["converged"]}
-    head = _head(*solution, standardize).without_absent(y)
-    head.mean, head.std = mean, std
-    return head, search
+    return _head(*solution, mean, std, standardize).without_absent(y), search
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -251,8 +276,12 @@ def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
             float(np.sqrt(sum(r * (1 - r) / n for r, n in recalls)) / len(recalls)))
 
 
-def _head(weight: np.ndarray, bias: np.ndarray, standardize: bool) -> Head:
-    """A head on already standardised rows (`fit_logreg` puts the real mean and std in)."""
-    d = weight.shape[1]
-    return Head(weight.astype(np.float32), bias.astype(np.float32), np.zeros(d, np.float32), np.ones(d, np.float32),
-                "logreg", standardize)
+def _head(weight: np.ndarray, bias: np.ndarray, mean: np.ndarray, std: np.ndarray, standardize: bool) -> Head:
+    """A head on raw rows from a solution on rows standardised by `mean` and `std`."""
+    return Head(weight.astype(np.float32), bias.astype(np.float32), mean, std, "logreg", standardize)
+
+
+def _restandardise(weight: np.ndarray, bias: np.ndarray, old: tuple, new: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The same function of raw rows, for rows standardised by `new` (mean, std) instead of `old`."""
+    raw = weight / old[1]
+    return raw * new[1], bias - raw @ old[0] + raw @ new[0]

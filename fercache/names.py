@@ -13,6 +13,9 @@ import re
 from pathlib import Path
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# The canonical expression names every dataset's classes map to (`fercache.datasets`), and FER2013's.
+EXPRESSIONS: tuple[str, ...] = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt")
+CANONICAL: tuple[str, ...] = ("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral")
 SIZE = 48  # FER2013's faces are SIZE x SIZE, 8-bit gray
 SPLITS: tuple[str, ...] = ("train", "test", "public_test", "private_test")
 SPLIT_CHOICES: tuple[str, ...] = SPLITS + ("all",)

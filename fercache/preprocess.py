@@ -71,6 +71,11 @@ class Recipe:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     rescale: float = 1 / 255
+    top: int | None = None  # the crop's first row and column; None: (resize - crop) // 2, as transformers
+
+    @property
+    def offset(self) -> int:
+        return (self.resize - self.crop) // 2 if self.top is None else self.top
 
 
 def _side(size, key: str) -> int | None:
@@ -129,6 +134,20 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
                   tuple(map(float, std)), rescale)
 
 
+INTERPOLATIONS = {"nearest": NEAREST, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def torchvision_recipe(resize: int, crop: int, interpolation: str, mean, std) -> Recipe:
+    """torchvision's Resize (on a PIL image: PIL's own resize), CenterCrop, ToTensor and Normalize,
+    the eval pipeline OpenCLIP and timm build: CenterCrop starts at round((resize - crop) / 2)."""
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"interpolation '{interpolation}' is not reproduced (use one of {', '.join(INTERPOLATIONS)})")
+    if crop > resize:
+        raise UserError(f"a {crop} px crop of a {resize} px image pads it: fercache reproduces crops only")
+    return Recipe("clip", resize, crop, INTERPOLATIONS[interpolation], tuple(map(float, _per_channel(mean))),
+                  tuple(map(float, _per_channel(std))), 1 / 255, int(round((resize - crop) / 2.0)))
+
+
 def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
     """PIL's 8-bit 1-D resize as an integer (size_out x size_in) matrix of fixed-point weights.
 
@@ -168,7 +187,7 @@ class Preprocessor:
         # float64 holds PIL's integer sums exactly; MPS has no float64 (then: within one level).
         self.exact = torch.float32 if device.type == "mps" else torch.float64
         w = resize_weights(SIZE, recipe.resize, recipe.resample) / (1 << PRECISION_BITS)  # exact: a power of 2
-        top = (recipe.resize - recipe.crop) // 2
+        top = recipe.offset
         w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
         self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
         mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)

@@ -4,7 +4,8 @@
 train, chooses the best on validation and scores each on test: the curve says where in the
 network expression is most linearly readable. `compare` reads the `metrics.json` of finished runs
 (`fercache fit`) into one table, so encoders, preprocessing, heads, views and layers can be set
-side by side, and tests each run against the best one on the same test faces (McNemar).
+side by side, ranked within each test set only, and tests each run against the best one on the
+same test faces (McNemar, adjusted for having picked the best on them).
 """
 
 from __future__ import annotations
@@ -114,20 +115,21 @@ def plot_probe(result: dict, path: Path) -> None:
 
 
 def compare(runs: list[str | os.PathLike]) -> list[dict]:
-    """One row per run folder (or its `metrics.json`), best test accuracy first.
+    """One row per run folder (or its `metrics.json`), ranked by test accuracy within each test set.
 
-    Runs are paired only on the very faces both were scored on (their `predictions.csv`): within
-    each set of runs scored on the same test faces, every run but the best gets `p_value`, the
-    exact McNemar test against that best (`stats.mcnemar`), Holm-adjusted over the set's runs,
-    since the best was itself picked by test accuracy (`p_raw` keeps the unadjusted value).
-    Runs scored on other faces (another split, a --limit, another source) form their own set, with
-    a one-line warning. A path without a readable `metrics.json` is skipped with a warning; none at
-    all is an error.
+    A test set is the faces a run was scored on: its split, the dataset (the source's
+    fingerprint) and the very faces (`predictions.csv`: ids and labels; the face count where a
+    run has none). Runs are ranked, and paired, only within their own set (`test_set` names it),
+    never across: a PrivateTest figure and a whole-test figure are not one column. Within a set,
+    every run but the best gets `p_value`, its exact McNemar test against the best
+    (`stats.versus_best`: Holm over all pairs of the set's runs, since the best was itself picked
+    on these faces; `p_raw` keeps the unadjusted value). More than one set is said in one line.
+    A path without a readable `metrics.json` is skipped with a warning; none at all is an error.
     """
     from fercache.fit import PREDICTIONS, read_predictions
-    from fercache.stats import holm, mcnemar
+    from fercache.stats import versus_best
 
-    rows, skipped, predictions = [], [], {}
+    rows, skipped, predictions, keys = [], [], {}, {}
     for run in map(Path, runs):
         path = run if run.name == "metrics.json" else run / "metrics.json"
         if not path.is_file():
@@ -137,38 +139,47 @@ def compare(runs: list[str | os.PathLike]) -> list[dict]:
             metrics = json.loads(path.read_text())
             row = {"run": str(path.parent), **{k: metrics.get(k) for k in COMPARE_COLUMNS}}
             row["test_accuracy"] = float(row["test_accuracy"])
+            source = metrics.get("cache")
+            for key in ("meta", "source"):  # where the dataset is named; absent from older or hand-made runs
+                source = source.get(key) if isinstance(source, dict) else None
+            source = source if isinstance(source, dict) else {}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             skipped.append(f"{path}: unreadable metrics ({type(exc).__name__}: {exc}); skipped")
             continue
         if (path.parent / PREDICTIONS).is_file():
             predictions[row["run"]] = read_predictions(path.parent / PREDICTIONS)
+        mine = predictions.get(row["run"])
+        count = len(mine["id"]) if mine else metrics.get("test_count")
+        dataset = Path(source["path"]).name if source.get("path") else None
+        row["test_set"] = " ".join(filter(None, [row["test_split"] or "test", f"of {dataset}" if dataset else "",
+                                                  f"({count:,} faces)" if isinstance(count, int) else ""]))
+        keys[row["run"]] = (row["test_split"], source.get("fingerprint") or source.get("path"),
+                            (tuple(mine["id"]), mine["label"].tobytes()) if mine else count)
         rows.append(row)
     if not rows:
         raise UserError(f"none of the {len(runs)} path(s) given holds a run's metrics.json (made by `fercache fit`)")
     for message in skipped:
         warn(message)
-    rows.sort(key=lambda r: -r["test_accuracy"])
-    bests: dict[tuple, dict] = {}  # the faces a set of runs was scored on -> its best run
-    for row in rows:
+    sets: dict[tuple, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: -r["test_accuracy"]):  # sets in the order of their best runs
+        sets.setdefault(keys[row["run"]], []).append(row)
         row["p_value"] = row["p_raw"] = row["vs"] = None
-        mine = predictions.get(row["run"])
-        if mine is None:
+        if row["run"] not in predictions:
             warn(f"{row['run']}: no {PREDICTIONS} (made by fercache before 0.2); no p-value")
+    if len(sets) > 1:
+        names = "; ".join(members[0]["test_set"] for members in sets.values())
+        warn(f"these runs were scored on {len(sets)} different test sets ({names}): "
+             "each is ranked and paired within its own set only, not paired with the others")
+    for members in sets.values():
+        paired = [r for r in members if r["run"] in predictions]
+        if len(paired) < 2:
             continue
-        faces = (tuple(mine["id"]), mine["label"].tobytes())
-        best = bests.setdefault(faces, row)
-        if best is row:
-            if len(bests) > 1:
-                warn(f"{row['run']} was scored on other test faces ({len(mine['id']):,}) than {rows[0]['run']}: "
-                     "not paired with it; compared with the runs scored on its own faces")
-            continue
-        ref = predictions[best["run"]]
-        row["vs"], row["p_raw"] = best["run"], mcnemar(ref["label"], ref["predicted"], mine["predicted"])["p_value"]
-    for best in bests.values():
-        paired = [r for r in rows if r["vs"] == best["run"]]
-        for r, p in zip(paired, holm([r["p_raw"] for r in paired])):
-            r["p_value"] = p
-    return rows
+        label = predictions[paired[0]["run"]]["label"]
+        best, raw, adjusted = versus_best([predictions[r["run"]]["predicted"] == label for r in paired])
+        for r, p_raw, p in zip(paired, raw, adjusted):
+            if r is not paired[best]:
+                r.update(vs=paired[best]["run"], p_raw=float(p_raw), p_value=float(p))
+    return [row for members in sets.values() for row in members]
 
 
 def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -177,10 +188,10 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         return "+".join(map(str, v)) if isinstance(v, list) else v
 
     headers = ["run", "model", "preprocessing", "method", "views", "layer", "test accuracy", "95% interval",
-               "macro-F1", "p vs best (Holm)"]
+               "macro-F1", "p vs best (Holm, all pairs)", "test set"]
     cells = [[r["run"], *(text(r[k]) for k in COMPARE_COLUMNS[:4]), POOLED if r["layer"] is None else r["layer"],
               r["test_accuracy"], interval(r, "test_accuracy") or "-", r["macro_f1"],
-              "-" if r["p_value"] is None else f"{r['p_value']:.3g}"] for r in rows]
+              "-" if r["p_value"] is None else f"{r['p_value']:.3g}", r["test_set"]] for r in rows]
     return headers, cells
 
 

@@ -85,10 +85,12 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
 
 
 def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch", title: str = "") -> Path:
-    """Loss and accuracy against `x` as a PNG: every `*_loss` and `*_acc` column of `rows`.
+    """Loss and accuracy against `x` as a PNG.
 
-    Epoch rows give training curves; `x="C"` rows (logreg's search) a log-scale validation curve,
-    validation accuracy with its standard error (`val_se`) as error bars.
+    Epoch rows give training curves (every `*_loss` and `*_acc` column). `x="C"` rows (logreg's
+    search) give a log-scale validation curve of what chose C, each point with its standard
+    error: validation loss, and validation accuracy or, where the rows have it (`--class-weight
+    balanced`), balanced accuracy, the criterion then.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -96,10 +98,10 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch",
     fig = Figure(figsize=(10, 4), layout="constrained")
     xs = [r[x] for r in rows]
     for ax, suffix, label in zip(fig.subplots(1, 2), ("_loss", "_acc"), ("cross-entropy", "accuracy")):
-        for key in (k for k in rows[0] if k.endswith(suffix)):
-            se = [r["val_se"] for r in rows] if key == "val_acc" and "val_se" in rows[0] else None
+        for key, se_key, name in _curve_series(rows[0], x, suffix):
+            se = [r[se_key] for r in rows] if se_key else None
             ax.errorbar(xs, [r[key] for r in rows], yerr=se, marker="o", markersize=3, capsize=3,
-                        label=key.removesuffix(suffix) + (" ± 1 SE" if se else ""))
+                        label=name + (" ± 1 SE" if se else ""))
         if x == "C":
             ax.set_xscale("log")
         else:
@@ -111,6 +113,17 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike, x: str = "epoch",
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+def _curve_series(row: dict, x: str, suffix: str) -> list[tuple[str, str | None, str]]:
+    """(key, its standard error's key or None, label) of each line `plot_curves` draws in one panel."""
+    if x != "C":
+        return [(k, None, k.removesuffix(suffix)) for k in row if k.endswith(suffix)]
+    if suffix == "_loss":
+        return [("val_loss", "val_loss_se" if "val_loss_se" in row else None, "validation loss")]
+    if "val_bacc" in row:  # balanced class weights: C was chosen on balanced accuracy
+        return [("val_bacc", "val_bacc_se", "validation balanced accuracy")]
+    return [("val_acc", "val_se", "validation accuracy")]
 
 
 def plot_reliability(calibration: dict, path: str | os.PathLike, title: str = "") -> Path:

@@ -5,17 +5,21 @@ No training: each class is the average of CLIP's normalised text embeddings of a
 whose text embedding is nearest by cosine to its projected image embedding. The faces reach the
 model through stage one's exact `clip` preprocessing, so the image side is the one the cache holds
 (before the projection). CLIP_benchmark reports 40.9% for ViT-B/32 (openai) on FER2013's test set.
+An OpenCLIP checkpoint (LAION, DataComp, DFN, SigLIP, ...) answers with its own tokenizer, text
+tower and preprocessing, to the same prompts.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from fercache.backends import Backend, backend_of
 from fercache.checkpoint import resolve
 from fercache.data import open_source
 from fercache.encoder import pick_device
@@ -62,14 +66,27 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def load_clip(model: str, device: torch.device, revision: str | None = None):
-    """A full CLIP model (both towers), its tokenizer, stage one's `clip` preprocessing and the
-    commit hash it was loaded at ("" for a local folder)."""
+@dataclass
+class TwoTowers:
+    """A model with a text tower: its projected image and text embeddings, its own preprocessing."""
+
+    image: Callable[[torch.Tensor], torch.Tensor]  # model inputs -> (B, P) image embeddings
+    text: Callable[[list[str]], torch.Tensor]  # prompts -> (N, P) text embeddings
+    prep: Preprocessor
+    revision: str  # the hub commit it was loaded at ("" for a local folder)
+
+
+def load_clip(model: str, device: torch.device, revision: str | None = None) -> TwoTowers:
+    """A full CLIP model (both towers), its tokenizer and stage one's `clip` preprocessing: a
+    transformers CLIP, or an OpenCLIP checkpoint."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
     if model == PIXELS:
         raise UserError("the pixels baseline has no text tower; zero-shot needs a full CLIP model "
                         f"such as {DEFAULT_MODEL}")
+    backend = backend_of(model)
+    if backend is not None:
+        return _library_clip(backend, model, device, revision)
     checkpoint = resolve(model, revision)
     pin = checkpoint.load_kwargs
     try:
@@ -86,16 +103,35 @@ def load_clip(model: str, device: torch.device, revision: str | None = None):
         raise UserError(f"model '{model}' lacks a usable tokenizer or image processor: {first_line(exc)}") from None
     net = CLIPModel.from_pretrained(model, dtype=torch.float32, **pin).to(device).eval().requires_grad_(False)
     prep = Preprocessor(recipe_for("clip", processor, config.vision_config.image_size), device)
-    return net, tokenizer, prep, checkpoint.revision
+
+    def text(prompts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+        return _features(net.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+
+    return TwoTowers(lambda x: _features(net.get_image_features(pixel_values=x)), text, prep, checkpoint.revision)
+
+
+def _library_clip(backend: Backend, model: str, device: torch.device, revision: str | None) -> TwoTowers:
+    """An OpenCLIP model's two towers, its own tokenizer and preprocessing (a timm model has no text tower)."""
+    backend.library(model)
+    if backend.name != "OpenCLIP":
+        raise UserError(f"model '{model}' is a {backend.name} image model with no text tower; zero-shot needs a "
+                        f"full CLIP model such as {DEFAULT_MODEL} or an OpenCLIP checkpoint")
+    from fercache.openclip import OpenClipTower, text_tower
+
+    checkpoint = resolve(model, revision, repo=backend.repo(model), config=backend.config)
+    clip, tokenizer = text_tower(backend.folder(model, checkpoint), device)
+    prep = Preprocessor(OpenClipTower(clip).recipe(), device)
+    return TwoTowers(clip.encode_image, lambda prompts: clip.encode_text(tokenizer(prompts).to(device)), prep,
+                     checkpoint.revision)
 
 
 @torch.inference_mode()
-def class_embeddings(net, tokenizer, device: torch.device) -> torch.Tensor:
+def class_embeddings(towers: TwoTowers) -> torch.Tensor:
     """(7, P): per class, the mean of its prompts' normalised text embeddings, normalised again."""
     rows = []
     for name in CLASS_NAMES:
-        tokens = tokenizer([t.format(c=name) for t in TEMPLATES], padding=True, return_tensors="pt").to(device)
-        emb = _features(net.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        emb = towers.text([t.format(c=name) for t in TEMPLATES])
         rows.append(torch.nn.functional.normalize(emb, dim=-1).mean(0))
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
@@ -107,16 +143,16 @@ def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: 
     at_least_one(batch_size=batch_size, limit=limit)
     source = open_source(data)  # the index only: a wrong path fails before the model loads
     dev = pick_device(device)
-    net, tokenizer, prep, commit = load_clip(model, dev, revision)
+    towers = load_clip(model, dev, revision)
     images = source.load(split, limit=limit)
-    text = class_embeddings(net, tokenizer, dev)
+    text = class_embeddings(towers)
     scores = []
     with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=f"zeroshot {split}",
                                       disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(images), batch_size):
             batch = images.pixels[i:i + batch_size]
-            emb = _features(net.get_image_features(pixel_values=prep(batch)))
+            emb = towers.image(towers.prep(batch))
             scores.append((torch.nn.functional.normalize(emb, dim=-1) @ text.T).float().cpu().numpy())
             bar.update(len(batch))
     scores_np = np.concatenate(scores)
-    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np, commit)
+    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np, towers.revision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,13 @@ from PIL import Image
 from fercache.data import CLASSES
 
 REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013.zip"
+
+# ENVIRONMENT WORKAROUND (tests only): where torchvision's compiled ops do not load beside this
+# torch (a CUDA torchvision wheel beside CPU torch), define their schemas before torchvision is
+# imported, here and in the CLI's subprocesses. See envfix/sitecustomize.py; fercache has none of it.
+ENVFIX = Path(__file__).resolve().parent / "envfix"
+_spec = importlib.util.spec_from_file_location("fercache_tests_envfix", ENVFIX / "sitecustomize.py")
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +45,9 @@ def real_zip() -> Path:
 
 def cli(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m fercache ARGS...` in a fresh process, as a user runs it (exit code, stdout, stderr)."""
+    path = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))  # the workaround above
     return subprocess.run([sys.executable, "-m", "fercache", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=None if env is None else {**os.environ, **env})
+                          cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": path})
 
 
 def save_tiny_clip(folder: Path, image_size: int = 224, layers: int = 2, seed: int = 0) -> Path:

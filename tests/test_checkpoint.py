@@ -135,3 +135,26 @@ def test_a_local_folder_is_known_by_its_weights(fer_zip, tmp_path):
         extract(fer_zip, "test", str(first), cache=cache, force=False, **args)
     with pytest.raises(UserError, match="local folder, which has no revisions"):
         extract(fer_zip, "test", str(first), cache=tmp_path / "d.h5", revision="main", **args)
+
+
+def test_a_hub_snapshot_folder_fingerprints_as_a_plain_copy_of_it(tmp_path):
+    """huggingface_hub keeps each file once, in `blobs/<sha>`, and links to it from
+    `snapshots/<commit>/<name>`: its content under the link's name counts, not the blob's name."""
+    plain = save_tiny_clip(tmp_path / "plain")
+    repo = tmp_path / "hub" / "models--org--tiny-clip"
+    snapshot, blobs = repo / "snapshots" / COMMITS[0], repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in plain.iterdir():
+        blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob.name}")
+    assert all((snapshot / f.name).is_symlink() for f in plain.iterdir())
+    assert fingerprint(str(snapshot)) == fingerprint(str(plain))
+    # a copy of the snapshot (links followed), as users move model folders, agrees too
+    assert fingerprint(str(shutil.copytree(snapshot, tmp_path / "copied"))) == fingerprint(str(plain))
+    # other content behind the same link name does not
+    shutil.copy(save_tiny_clip(tmp_path / "other", seed=1) / "model.safetensors", blobs / "other")
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to("../../blobs/other")
+    assert fingerprint(str(snapshot)) != fingerprint(str(plain))

@@ -73,7 +73,7 @@ def test_two_ranks_make_the_cache_one_process_makes(tmp_path, fer_zip, tiny_mode
     run = torchrun("-m", "fercache", "extract", "--data", str(fer_zip), "--split", "all", "--model", str(tiny_model),
                    "--dtype", "float32", "--batch-size", "4", "--cache", str(two), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    # train: 21 images in batches of 4 -> shards of 12 and 9, the last batch of rank 1 a short one
+    # train: 21 images -> shards of 10 and 11 (by count, not batch size), each ending in a short batch
     assert [line.split(":")[0] for line in run.stdout.splitlines()] == ["train", "test"]  # rank 0 only
     assert_same_cache(one, two)
 
@@ -93,8 +93,8 @@ def test_each_rank_decodes_only_its_own_shard(tmp_path, fer_zip, tiny_model, mon
     for rank in (1, 0):
         monkeypatch.setattr(fercache.extract, "rank_and_world", lambda: (rank, 2))
         extract(fer_zip, "train", str(tiny_model), dtype="float32", batch_size=4, cache=two, progress=False)
-    # 21 images, batches of 4: rank 0 takes 3 batches (12 images), rank 1 the other 9
-    assert decoded == [everything[12:], everything[:12]]
+    # 21 images (fewer than 2 x 256): rank 0 takes the first 10, rank 1 the other 11, whatever the batch size
+    assert decoded == [everything[10:], everything[:10]]
     assert_same_cache(one, two)
 
 
@@ -153,28 +153,64 @@ def test_a_slow_step_outlasts_a_short_collective_timeout(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["through", "through"]
 
 
-@pytest.mark.parametrize("visible, local_rank, expected", [
-    (1, "3", "cuda:0"),  # SLURM --gpus-per-task 1: each task sees only its own GPU, as device 0
-    (8, "3", "cuda:3"),  # one torchrun per machine, every GPU visible: the one at the local rank
-    (1, None, "cuda:0"),
-])
-def test_each_rank_finds_its_own_gpu(monkeypatch, visible, local_rank, expected):
+def simulate_gpus(monkeypatch, visible: int, local_rank: str | None, local_world: str | None = None,
+                  cuda_visible: str | None = None) -> None:
+    """`visible` GPUs for this process, and the environment torchrun (or SLURM) gives a rank."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    if local_rank is None:
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for name, value in (("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", local_world),
+                        ("CUDA_VISIBLE_DEVICES", cuda_visible)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("visible, local_rank, local_world, cuda_visible, expected", [
+    # SLURM --gpus-per-task 1 (or CUDA_VISIBLE_DEVICES set per rank) under a torchrun of 4 ranks:
+    # each rank sees only its own GPU, as device 0
+    (1, "3", "4", "3", "cuda:0"),
+    (1, "3", "4", "0", "cuda:0"),  # SLURM with device cgroups: every task's own GPU is its "0"
+    (8, "3", "8", None, "cuda:3"),  # one torchrun per machine, every GPU visible: the one at the local rank
+    (1, "0", "1", None, "cuda:0"),
+    (1, None, None, None, "cuda:0"),
+])
+def test_each_rank_finds_its_own_gpu(monkeypatch, visible, local_rank, local_world, cuda_visible, expected):
+    simulate_gpus(monkeypatch, visible, local_rank, local_world, cuda_visible)
     assert rank_device("cuda") == expected and rank_device("auto") == expected
     assert rank_device("cuda:5") == "cuda:5"  # as given
 
 
-def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(UserError, match="local rank 2 has no GPU of its own"):
+@pytest.mark.parametrize("visible, local_rank, local_world, cuda_visible", [
+    (2, "2", "4", None),
+    (2, "0", "4", None),  # every rank of the machine refuses, not only those left without a GPU
+    (2, "0", "4", "0,1"),
+    (1, "1", "2", None),  # two ranks on a machine's only GPU
+])
+def test_more_ranks_than_visible_gpus_is_refused(monkeypatch, visible, local_rank, local_world, cuda_visible):
+    simulate_gpus(monkeypatch, visible, local_rank, local_world, cuda_visible)
+    with pytest.raises(UserError, match=f"local rank {local_rank} has no GPU of its own"):
         rank_device("cuda")
+
+
+def test_a_rank_that_cannot_join_says_so_within_the_join_timeout(tmp_path, fer_zip, tiny_model):
+    """World size 2 with one rank started: it gives up after FERCACHE_JOIN_TIMEOUT, not the 24 hours
+    the collectives wait, with one line that names what to check."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "FERCACHE_JOIN_TIMEOUT": "3",
+           "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "fercache", "extract", "--data", str(fer_zip), "--model",
+                          str(tiny_model), "--device", "cpu", "--cache", str(tmp_path / "c.h5")], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=90)
+    assert time.monotonic() - start < 45
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("fercache: error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr
+    assert errors[0].startswith("fercache: error: rank 0 of 2 could not join the others at MASTER_ADDR 127.0.0.1:")
+    assert "within 3 s (FERCACHE_JOIN_TIMEOUT" in errors[0]
+    assert "GLOO_SOCKET_IFNAME" in errors[0] and "NCCL_SOCKET_IFNAME" in errors[0]
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_a_user_error_ends_every_rank_with_one_line(tmp_path, fer_zip, tiny_model):
@@ -187,6 +223,53 @@ def test_a_user_error_ends_every_rank_with_one_line(tmp_path, fer_zip, tiny_mode
     assert "exitcode  : 2" in run.stderr and "fercache/" not in run.stderr  # exit 2, no traceback of ours
     assert time.monotonic() - start < 120
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_rank_stops_within_seconds_when_another_fails(tmp_path, fer_zip, tiny_model):
+    """Rank 1 cannot read its images; rank 0's shard would take 20 s (10 batches of 2 s). Rank 0
+    learns of it from `check_peers` in its encode loop and stops after a batch or two, not at
+    the end of its shard; both say rank 1's message, and rank 0's part stays for a rerun."""
+    script = tmp_path / "fail_early.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time
+        from fercache.data import Source
+        from fercache.distributed import RankFailed, torchrun_group
+        from fercache.encoder import Encoder
+        from fercache.errors import UserError
+        from fercache.extract import extract
+
+        data, model = sys.argv[1:3]
+        batches = []
+        with torchrun_group("cpu") as (device, rank):
+            if rank == 0:
+                tensors = Encoder.tensors
+                Encoder.tensors = lambda self, *a, **k: (batches.append(1), time.sleep(2), tensors(self, *a, **k))[2]
+            else:
+                def unreadable(self, entries, *args, **kwargs):
+                    with open("failed_at", "w") as f:
+                        f.write(str(time.time()))
+                    raise UserError("rank 1's disk is gone")
+                    yield
+                Source.stream = unreadable
+            start = time.monotonic()
+            try:
+                extract(data, "train", model, device="cpu", dtype="float32", batch_size=1, cache="c.h5",
+                        progress=False)
+                said = "finished"
+            except RankFailed as exc:
+                said = str(exc)
+            seconds = time.monotonic() - start
+        with open(f"rank{rank}.json", "w") as f:
+            json.dump({"said": said, "seconds": seconds, "ended": time.time(), "batches": len(batches)}, f)
+    """))
+    run = torchrun(str(script), str(fer_zip), str(tiny_model), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["said"] for r in ranks] == ["rank 1: rank 1's disk is gone"] * 2
+    # 21 train images in batches of 1: rank 0's shard is 10 batches, 20 s; it stops after 1-3
+    after = ranks[0]["ended"] - float((tmp_path / "failed_at").read_text())
+    assert 1 <= ranks[0]["batches"] <= 3 and after < 8, (after, ranks)
+    assert (tmp_path / "c.h5.partial").is_dir() and not (tmp_path / "c.h5").exists()
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):

@@ -69,31 +69,40 @@ def test_lower_and_top_split_the_model_exactly(family):
 
 
 def test_token_path_equals_the_full_model_with_the_tuned_weights(clip3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fercache.families import pooled
+
     folder, encoder = clip3
     train, test = splits(encoder, first=1)
     result = tune(encoder, train, test, Settings(blocks=2, epochs=2, lr=1e-3, batch_size=16), tmp_path / "run",
                   device="cpu", progress=False)
+    config = json.loads((tmp_path / "run" / "tuned.json").read_text())
+    assert config["encoder"]["model"] == str(folder) and "model_revision" in config["encoder"]
+    chosen = max(result.history, key=lambda r: (r["val_acc"], -r["val_loss"]))  # the first best: ties go to the earlier
+    assert (config["first_block"], config["blocks"], config["best_epoch"]) == (1, [2, 3], chosen["epoch"])
+    assert config["tokens_dtype"] == "float32" and config["probe"]["val_acc"] == result.history[0]["val_acc"]
+    names = set(load_file(tmp_path / "run" / "tuned.safetensors"))
+    assert {"classifier.weight", "classifier.bias", "post_layernorm.weight", "encoder.layers.1.mlp.fc1.weight"} <= names
+    assert not any(n.startswith("encoder.layers.0.") or n.startswith("embeddings.") for n in names)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tuned.json", "tuned.safetensors"]  # checkpoint gone
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]  # 0: the start, the probe
+    assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
+
+    saved = load_file(tmp_path / "run" / "tuned.safetensors")  # every tuned tensor moved: all must be swapped in
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in saved.items()}, tmp_path / "run" / "tuned.safetensors")
     tuned = load_tuned(tmp_path / "run", device="cpu")
     faces = fake_faces(10, 7)[0]
     from_tokens = tuned.logits_from_tokens(tokens_of(encoder, faces, 1))
-    from_pixels = tuned.logits_from_pixels(faces)  # the base model, tuned blocks swapped in, end to end
-    np.testing.assert_allclose(from_tokens, from_pixels, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(from_tokens, tuned.logits_from_pixels(faces), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the whole base model, tuned tensors swapped in, end to end
+        out = tuned.encoder.model(pixel_values=tuned.encoder.prep(faces))
+        whole = tuned.top.classifier(pooled(tuned.encoder.family, out)).numpy()
+    np.testing.assert_allclose(from_tokens, whole, rtol=1e-5, atol=1e-5)
     base = load_encoder(str(folder), "clip", "cpu", "float32").model.state_dict()
     swapped = tuned.encoder.model.state_dict()
     assert not torch.equal(base["encoder.layers.2.mlp.fc1.weight"], swapped["encoder.layers.2.mlp.fc1.weight"])
     assert torch.equal(base["encoder.layers.0.mlp.fc1.weight"], swapped["encoder.layers.0.mlp.fc1.weight"])
-    config = json.loads((tmp_path / "run" / "tuned.json").read_text())
-    assert config["encoder"]["model"] == str(folder) and "model_revision" in config["encoder"]
-    assert (config["first_block"], config["blocks"], config["best_epoch"]) == (1, [2, 3], result.best_epoch)
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "run" / "tuned.safetensors", "pt") as f:
-        names = set(f.keys())
-    assert {"classifier.weight", "classifier.bias", "post_layernorm.weight", "encoder.layers.1.mlp.fc1.weight"} <= names
-    assert not any(n.startswith("encoder.layers.0.") or n.startswith("embeddings.") for n in names)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tuned.json", "tuned.safetensors"]  # checkpoint gone
-    assert [r["epoch"] for r in result.history] == [1, 2]
-    assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
 
 
 @pytest.mark.parametrize("family, processor", [
@@ -159,7 +168,7 @@ def test_from_images_tunes_every_block_with_augmentation(clip3, tmp_path):
     train, test = splits(encoder, first=None, n_train=42, n_test=14)
     result = tune(encoder, train, test, Settings(blocks=3, epochs=2, lr=1e-3, batch_size=16, from_images=True,
                                                  val="public_test"), tmp_path / "run", device="cpu", progress=False)
-    assert len(result.history) == 2 and result.test_logits.shape == (7, 7)  # PrivateTest: every other test face
+    assert len(result.history) == 3 and result.test_logits.shape == (7, 7)  # PrivateTest: every other test face
     config = json.loads((tmp_path / "run" / "tuned.json").read_text())
     assert config["blocks"] == [1, 2, 3] and config["settings"]["from_images"] is True
     tuned = load_tuned(tmp_path / "run", device="cpu")
@@ -282,7 +291,7 @@ def test_finetune_from_images_through_the_cli_is_a_first_class_run(fer_zip, tmp_
                  "tuned.safetensors", "tuned.json"):
         assert (run / name).is_file(), name
     m = json.loads((run / "metrics.json").read_text())
-    assert (m["method"], m["blocks"], m["test_count"], len(m["history"])) == ("finetune-top2-images", [1, 2], 7, 2)
+    assert (m["method"], m["blocks"], m["test_count"], len(m["history"])) == ("finetune-top2-images", [1, 2], 7, 3)
     assert np.array(m["confusion"]).sum() == 7 and m["model"] == str(model) and m["test_split"] == "private_test"
     assert m["private_test_accuracy"] == m["test_accuracy"] and (m["val_count"], m["train_count"]) == (7, 21)
     assert (run / "history.csv").read_text().splitlines()[0] == \
@@ -385,7 +394,7 @@ def test_finetune_from_a_token_cache_through_the_cli(token_cache, tmp_path):
                                       "private_test", "--json"], catch_exceptions=False)
     report = json.loads(scored.stdout)
     assert report["accuracy"] == m["test_accuracy"] and report["confusion"] == m["confusion"]
-    assert report["loss"] == pytest.approx(m["test_loss"], abs=1e-5)
+    assert report["loss"] == m["test_loss"]  # both in float32, in the same batches
 
     other = save_tiny_clip(tmp_path / "other", image_size=64, layers=3, seed=1)
     from fercache.extract import extract
@@ -425,3 +434,172 @@ def test_a_tuned_run_missing_a_tensor_is_refused_not_filled_from_the_base(clip3,
     save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "run" / "tuned.safetensors")
     with pytest.raises(UserError, match=rf"broken tuned run \(1 tensor\(s\) missing .* e.g. {dropped}"):
         load_tuned(tmp_path / "run", device="cpu")
+
+
+class ScriptedValidation:
+    """Wraps `score_rows`: records every call's logits and, from a given epoch on, reports the
+    scripted validation accuracy instead of the real one (above any real one), so that which epoch is
+    best is fixed. Validation is a part of train here (`val="train"`): its rows are train's."""
+
+    def __init__(self, monkeypatch, script: dict[int, float]):
+        self.real = getattr(ft.score_rows, "real", ft.score_rows)  # the function itself, not an earlier wrapper
+        self.script, self.epoch, self.test_logits = script, 1, {}
+        monkeypatch.setattr(ft, "score_rows", self)
+
+    def __call__(self, model, feed, split, rows):
+        loss, acc, z = self.real(model, feed, split, rows)
+        if split.usage[rows[0]] == "train":  # validation (epoch 0 is scored by the probe, never here)
+            acc = self.script[self.epoch]
+            self.epoch += 1
+        else:
+            self.test_logits.setdefault(self.epoch - 1, []).append(z)  # epoch e's test logits (and the final ones)
+        return loss, acc, z
+
+
+def test_the_best_epoch_before_the_last_is_restored_and_patience_stops(clip3, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _, encoder = clip3
+    train, test = splits(encoder, first=1)
+    scripted = ScriptedValidation(monkeypatch, {1: 2.0, 2: 3.0, 3: 2.5, 4: 2.5})
+    settings = Settings(blocks=2, epochs=6, lr=1e-3, batch_size=16, patience=2)
+    result = tune(encoder, train, test, settings, tmp_path / "run", device="cpu", progress=False)
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3, 4]  # 2 epochs without a better score: stopped
+    assert result.best_epoch == 2 and json.loads((tmp_path / "run" / "tuned.json").read_text())["best_epoch"] == 2
+    at = scripted.test_logits
+    assert not np.array_equal(at[2][0], at[4][0])  # the weights moved after epoch 2
+    np.testing.assert_array_equal(result.test_logits, at[2][0])  # the chosen weights are epoch 2's, not the last
+    tokens = test.x  # all of test (val="train")
+    np.testing.assert_array_equal(load_tuned(tmp_path / "run", device="cpu").logits_from_tokens(tokens), at[2][0])
+    assert set(load_file(tmp_path / "run" / "tuned.safetensors")) == set(result.model.tuned_state())
+
+
+def test_a_run_resumed_after_validation_stalled_stops_where_the_whole_run_stops(clip3, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _, encoder = clip3
+    train, test = splits(encoder, first=1)
+    script = {1: 2.0, 2: 3.0, 3: 2.5, 4: 2.5, 5: 9.0, 6: 9.0}  # epochs 5 and 6 would win, were they run
+    settings = Settings(blocks=2, epochs=6, lr=1e-3, batch_size=16, patience=2)
+    ScriptedValidation(monkeypatch, script)
+    whole = tune(encoder, train, test, settings, tmp_path / "whole", device="cpu", progress=False)
+    real_save = ft.save_checkpoint
+
+    def save_then_die(path, model, opt, best, gen, state):
+        real_save(path, model, opt, best, gen, state)
+        if state["epoch"] == 3:  # validation has stalled for one epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+    ScriptedValidation(monkeypatch, script)
+    with pytest.raises(KeyboardInterrupt):
+        tune(encoder, train, test, settings, tmp_path / "cut", device="cpu", progress=False)
+    monkeypatch.setattr(ft, "save_checkpoint", real_save)
+    ScriptedValidation(monkeypatch, script).epoch = 4
+    resumed = tune(encoder, train, test, settings, tmp_path / "cut", device="cpu", progress=False)
+    assert resumed.resumed_from == 3 and resumed.best_epoch == whole.best_epoch == 2
+    assert resumed.history == whole.history and len(whole.history) == 5  # the stall's count survived the cut
+    a, b = load_file(tmp_path / "whole" / "tuned.safetensors"), load_file(tmp_path / "cut" / "tuned.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_from_images_resumes_its_augmentation_bit_for_bit(clip3, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _, encoder = clip3
+    train, test = splits(encoder, first=None, n_train=42, n_test=14)
+    settings = Settings(blocks=1, epochs=3, lr=1e-3, batch_size=16, from_images=True, val="public_test")
+    whole = tune(encoder, train, test, settings, tmp_path / "whole", device="cpu", progress=False)
+    real_save = ft.save_checkpoint
+
+    def save_then_die(path, model, opt, best, gen, state):
+        real_save(path, model, opt, best, gen, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tune(encoder, train, test, settings, tmp_path / "cut", device="cpu", progress=False)
+    monkeypatch.setattr(ft, "save_checkpoint", real_save)
+    torch.manual_seed(7)
+    resumed = tune(encoder, train, test, settings, tmp_path / "cut", device="cpu", progress=False)
+    assert resumed.resumed_from == 1 and resumed.history == whole.history
+    a, b = load_file(tmp_path / "whole" / "tuned.safetensors"), load_file(tmp_path / "cut" / "tuned.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = tune(encoder, train, test, Settings(**{**settings.__dict__, "augment": False}), tmp_path / "plain",
+                 device="cpu", progress=False)
+    assert plain.history[1]["train_loss"] != whole.history[1]["train_loss"]  # augmentation did change what it saw
+
+
+def learnable(encoder, first: int, n_train: int = 140, n_test: int = 70) -> tuple[Split, Split]:
+    """Fake faces whose brightness says their class, as tokens: a probe of the pooled feature learns them."""
+    def faces(n, seed):
+        noise, y = fake_faces(n, seed)
+        return (y[:, None, None] * 16 + noise // 2).astype(np.uint8), y  # overlapping: logreg's C stays moderate
+
+    (px, y), (pt, yt) = faces(n_train, 0), faces(n_test, 1)
+    return (Split(tokens_of(encoder, px, first), y, [f"train/{i}" for i in range(n_train)], ["train"] * n_train),
+            Split(tokens_of(encoder, pt, first), yt, [f"test/{i}" for i in range(n_test)], ["public_test"] * n_test))
+
+
+def test_tuning_starts_from_the_probe_and_never_ends_below_it_on_validation(clip3, tmp_path):
+    from fercache.logreg import fit_logreg
+
+    _, encoder = clip3
+    train, test = learnable(encoder, first=2)
+    parts = ft.choose_parts(train, test, "train", seed=0)
+    start = TopModel(Tower.of(encoder.model), 2).eval()
+    with torch.no_grad():
+        X, X_val = (start.pooled(torch.from_numpy(train.x[parts[k][1]])).numpy() for k in ("fit", "val"))
+    probe, _ = fit_logreg(X, train.y[parts["fit"][1]], val=(X_val, train.y[parts["val"][1]]))
+    probe_val = probe.score(X_val, train.y[parts["val"][1]])[1]
+    assert probe_val > 0.5  # the probe learns brightness: there is something to lose
+    for lr, folder in ((1e-3, "gentle"), (1.0, "wrecking")):
+        result = tune(encoder, train, test, Settings(blocks=1, epochs=2, lr=lr, batch_size=16), tmp_path / folder,
+                      device="cpu", progress=False)
+        assert result.history[0]["val_acc"] == pytest.approx(probe_val, abs=1e-6)  # epoch 0: the probe (folded)
+        chosen = result.history[result.best_epoch]
+        assert chosen["val_acc"] >= result.history[0]["val_acc"]
+    assert result.best_epoch == 0 and all(r["val_acc"] < probe_val for r in result.history[1:])  # lr 1 wrecks it
+    np.testing.assert_allclose(result.test_logits, probe.logits(result.model.pooled(
+        torch.from_numpy(test.x)).detach().numpy()), rtol=1e-4, atol=1e-4)  # the start restored: the probe
+
+
+def test_finetune_scores_as_evaluate_does_under_bfloat16(token_cache, tmp_path):
+    """bfloat16 autocast trains; validation and test are scored in float32, as `evaluate` scores,
+    so `evaluate --head RUN` gives metrics.json's figures exactly."""
+    from fercache.fit import evaluate
+
+    _, _, cache = token_cache
+    m = ft.finetune(cache, out=tmp_path / "run", device="cpu", dtype="bfloat16", epochs=2, lr=1e-3, batch_size=16,
+                    val="public_test", plots=False, progress=False).metrics
+    assert m["settings"]["dtype"] == "bfloat16" and m["tokens_dtype"] == "float32"
+    report = evaluate(cache, tmp_path / "run", "private_test", plots=False)
+    assert (report["accuracy"], report["loss"]) == (m["test_accuracy"], m["test_loss"])
+
+
+def test_bfloat16_tokens_are_recorded_and_checked(token_cache, tmp_path):
+    import fercache
+    from fercache.data import load_images
+    from fercache.extract import extract
+    from fercache.fit import evaluate
+
+    data, model, cache = token_cache
+    bf16 = tmp_path / "bf16.h5"
+    extract(data, "all", str(model), "clip", "cpu", "bfloat16", batch_size=16, cache=bf16, tokens=1, progress=False)
+    m = ft.finetune(bf16, out=tmp_path / "run", device="cpu", epochs=1, batch_size=16, val="public_test",
+                    plots=False, progress=False).metrics
+    assert m["tokens_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "run" / "tuned.json").read_text())["tokens_dtype"] == "bfloat16"
+    report = evaluate(bf16, tmp_path / "run", "private_test", plots=False)
+    assert (report["accuracy"], report["loss"]) == (m["test_accuracy"], m["test_loss"])
+    with pytest.raises(UserError, match="holds tokens computed in float32; .* tuned on tokens computed in bfloat16 "
+                                        r"\(extract --dtype bfloat16\)") as err:
+        evaluate(cache, tmp_path / "run", "private_test", plots=False)
+    assert "\n" not in str(err.value)
+    tuned = load_tuned(tmp_path / "run", device="cpu")  # its lower blocks compute in bfloat16, as extract's did
+    assert next(tuned.encoder.model.parameters()).dtype == torch.bfloat16
+    assert next(tuned.top.parameters()).dtype == torch.float32
+    faces = load_images(data, "test")
+    np.testing.assert_allclose(tuned.logits_from_pixels(faces.pixels),
+                               tuned.logits_from_tokens(fercache.load_tokens(bf16, "test").X), rtol=0, atol=2e-3)

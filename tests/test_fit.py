@@ -115,7 +115,8 @@ def test_torch_and_sklearn_heads_agree_on_easy_data():
     assert linear.score(X_test, y_test)[1] > 0.95 and logreg.score(X_test, y_test)[1] > 0.95
     assert (linear.predict(X_test) == logreg.predict(X_test)).mean() > 0.97
     assert search["C"] in [r["C"] for r in search["validation"]]
-    assert all(set(r) == {"C", "val_loss", "val_acc", "val_se", "n_iter", "converged"} for r in search["validation"])
+    assert all(set(r) == {"C", "val_loss", "val_loss_se", "val_acc", "val_se", "n_iter", "converged"}
+               for r in search["validation"])
 
 
 def test_logreg_at_least_as_accurate_as_plain_sklearn():
@@ -358,3 +359,22 @@ def test_linear_head_never_predicts_a_class_without_training_rows():
     assert head.weight.shape == (7, 12) and not head.weight[1].any()
     assert head.predict_proba(far)[:, 1].max() == 0 and (head.predict(far) != 1).all()
     assert np.isfinite(head.score(X, y)[0])  # a disgust face costs a large but finite loss
+
+
+def test_curves_under_balanced_weights_draw_what_chose_c(tmp_path, monkeypatch):
+    """C is chosen on balanced accuracy then: curves.png must draw that, not plain accuracy."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar",
+                        lambda self, x, y, *a, **k: (drawn.append((list(y), k)), real(self, x, y, *a, **k))[1])
+    cache = write_cache(tmp_path / "c.h5", n=700, sep=0.5)
+    m = fit(cache, method="logreg", class_weight="balanced", out=tmp_path / "run").metrics
+    curve = m["logreg"]["validation"]
+    assert (tmp_path / "run" / "curves.png").is_file() and m["logreg"]["criterion"] == "val_bacc"
+    by_label = {k["label"]: (y, k["yerr"]) for y, k in drawn}
+    assert set(by_label) == {"validation loss ± 1 SE", "validation balanced accuracy ± 1 SE"}
+    assert by_label["validation balanced accuracy ± 1 SE"] == ([r["val_bacc"] for r in curve],
+                                                                         [r["val_bacc_se"] for r in curve])
+    assert by_label["validation loss ± 1 SE"] == ([r["val_loss"] for r in curve], [r["val_loss_se"] for r in curve])

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from conftest import REAL_ZIP, cli, make_fer_layout, pil_clip_processor, save_tiny_clip
 from fercache import load_embeddings, load_images
 from fercache.data import CLASSES
-from fercache.errors import UserError
+from fercache.errors import FERCacheWarning, UserError
 from fercache.extract import extract
 
 
@@ -244,22 +244,70 @@ def test_compare_reads_what_fit_writes_and_tests_each_run_against_the_best(layer
     want = {str(tmp_path / d): json.loads((tmp_path / d / "metrics.json").read_text())
             for d in ("pooled", "block1", "private")}
     assert sorted(r["run"] for r in rows) == sorted(want)
-    assert [r["test_accuracy"] for r in rows] == sorted((m["test_accuracy"] for m in want.values()), reverse=True)
     for r in rows:
         assert r["layer"] == want[r["run"]]["layer"] and r["macro_f1"] == want[r["run"]]["macro_f1"]
         assert r["model"] == want[r["run"]]["model"] and r["method"] == "linear" and r["views"] == "plain"
-    # each run against the best on the same 14 faces: McNemar from the saved per-face predictions
-    full = [r for r in rows if r["run"] != str(tmp_path / "private")]
-    best = rows[0]
-    assert best["p_value"] is None
-    if best["run"] != str(tmp_path / "private"):
-        other = full[1]
-        a, b = (read_predictions(Path(r["run"]) / "predictions.csv") for r in (best, other))
-        assert a["id"] == b["id"] and len(a["id"]) == 14
-        assert other["p_value"] == mcnemar(a["label"], a["predicted"], b["predicted"])["p_value"]
-    # the PrivateTest-only run is never paired with a run scored on all of test
-    assert next(r for r in rows if r["run"] == str(tmp_path / "private"))["p_value"] is None
-    assert "other test faces" in run.stderr and "not paired" in run.stderr
+    # the two runs on all of test are one set: the second against the best, McNemar from the saved predictions
+    pooled, block1 = (next(r for r in rows if r["run"] == str(tmp_path / d)) for d in ("pooled", "block1"))
+    best, other = sorted((pooled, block1), key=lambda r: -r["test_accuracy"])
+    a, b = (read_predictions(Path(r["run"]) / "predictions.csv") for r in (best, other))
+    assert a["id"] == b["id"] and len(a["id"]) == 14
+    assert best["p_value"] is None and other["vs"] == best["run"]
+    p = mcnemar(a["label"], a["predicted"], b["predicted"])["p_value"]
+    assert other["p_value"] == other["p_raw"] == pytest.approx(p)  # one pair: Holm leaves it as it is
+    assert best["test_set"] == other["test_set"] == "test of fer2013.zip (14 faces)"
+    # the PrivateTest-only run is its own set: never paired or ranked with runs scored on all of test
+    private = next(r for r in rows if r["run"] == str(tmp_path / "private"))
+    assert private["p_value"] is None and private["test_set"] == "private_test of fer2013.zip (7 faces)"
+    assert [r["run"] for r in rows].index(private["run"]) in (0, 2)  # not between the two it is not ranked with
+    assert "2 different test sets" in run.stderr and "not paired" in run.stderr
+
+
+def constructed_run(folder: Path, predicted: np.ndarray, label: np.ndarray, split: str = "test",
+                    source: str = "/data/fer2013.zip") -> Path:
+    """A run folder holding only what `compare` reads: metrics.json and predictions.csv."""
+    from fercache.fit import write_predictions
+
+    folder.mkdir(parents=True)
+    metrics = {"model": folder.name, "preprocess": "none", "method": "linear", "views": "plain", "layer": None,
+               "test_accuracy": float((predicted == label).mean()), "macro_f1": 0.0, "test_split": split,
+               "test_count": len(label),
+               "cache": {"meta": {"source": {"path": source, "fingerprint": "sha256:" + source}}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    write_predictions(folder / "predictions.csv", {"id": [f"{split}/{i}" for i in range(len(label))],
+                                                    "usage": [split] * len(label), "label": label,
+                                                    "proba": np.eye(7)[predicted]}, list(CLASSES))
+    return folder
+
+
+def test_compare_adjusts_over_all_pairs_and_ranks_within_each_test_set(tmp_path):
+    """A constructed case, so every assertion runs: three runs on the same faces, one on another
+    split and one on another dataset (more accurate than all, yet ranked apart)."""
+    from fercache.probe import compare, compare_table
+    from fercache.stats import holm, mcnemar
+
+    label = np.zeros(60, dtype=np.int64)
+    preds = {"a": np.r_[np.zeros(50), np.ones(10)].astype(int), "b": np.r_[np.ones(20), np.zeros(40)].astype(int),
+             "c": np.r_[np.zeros(30), np.ones(30)].astype(int)}
+    folders = [constructed_run(tmp_path / name, p, label) for name, p in preds.items()]
+    folders.append(constructed_run(tmp_path / "private", np.zeros(30, dtype=int), label[:30], split="private_test"))
+    folders.append(constructed_run(tmp_path / "other", np.zeros(60, dtype=int), label, source="/data/ckplus48.zip"))
+    with pytest.warns(FERCacheWarning, match="3 different test sets") as caught:
+        rows = compare(folders)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert [Path(r["run"]).name for r in rows] == ["private", "other", "a", "b", "c"]  # each set its best first
+    pairs = [mcnemar(label, preds[x], preds[y])["p_value"] for x, y in (("a", "b"), ("a", "c"), ("b", "c"))]
+    adjusted = holm(pairs)  # three pairs in the family, not the two best-vs-rest ones
+    a, b, c = rows[2:]
+    assert a["p_value"] is None and b["vs"] == c["vs"] == a["run"]
+    assert (b["p_raw"], c["p_raw"]) == pytest.approx(pairs[:2])
+    assert (b["p_value"], c["p_value"]) == pytest.approx(adjusted[:2])
+    assert c["p_value"] < 0.05 < b["p_value"] and c["p_value"] > holm(pairs[:2])[1]
+    assert all(r["p_value"] is None for r in rows[:2])  # alone in their sets: nothing to pair with
+    headers, cells = compare_table(rows)
+    sets = [row[headers.index("test set")] for row in cells]
+    assert sets == ["private_test of fer2013.zip (30 faces)", "test of ckplus48.zip (60 faces)",
+                    *["test of fer2013.zip (60 faces)"] * 3]
 
 
 # --- the pixels floor on the real FER2013 ---------------------------------------------------
