@@ -1,6 +1,7 @@
 """Stage-one speed and memory, measured side by side in one run (absolute times here are noisy).
 
     python bench/extract.py [--data ../shared/data/fer2013.zip] [--images 2048|all] [--device cpu|cuda]
+                            [--dtype float32,int8] [--simulate-avx2]
 
 Uses the real ViT-B/32 architecture with random weights (cost does not depend on the weight
 values) saved to a temporary folder, and the same real FER2013 images for every contender (the
@@ -8,7 +9,8 @@ first N train images in fercache's order, or with `--images all` all 35,887 of t
 1. the reference path: a plain script that decodes with PIL, runs `CLIPImageProcessor` and a
    `CLIPVisionModel` (float32, or `--reference-dtype`, on the same device) in a loop; process
    start to exit;
-2. `fercache extract` (dtype auto), process start to exit, and its throughput inside the model;
+2. `fercache extract` (`--dtype`, default auto; several, e.g. `float32,int8`, one after another,
+   with the int8 fidelity it measured), process start to exit, and its throughput inside the model;
 3. the device's own matmul peak (bf16 and fp32: the CPU's, or on CUDA the GPU's), so the
    model's achieved FLOP/s has a yardstick;
 4. on CUDA (or with `--profile`): `fercache.extract.extract` once more in this process under
@@ -30,6 +32,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import SIMULATED_AVX2, cpu_name  # noqa: E402  (bench/cpu.py, beside this file)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013.zip"
@@ -143,13 +148,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="fercache's [default: its own per device]")
     parser.add_argument("--reference-batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto", help="fercache's --dtype")
+    parser.add_argument("--dtype", default="auto", help="fercache's --dtype; several (float32,int8) run one by one")
+    parser.add_argument("--simulate-avx2", action="store_true",
+                        help="run everything as on an AVX2-only CPU (see bench/cpu.py for what honours it)")
     parser.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--memory", default="512,8192", help="image counts for the peak-RSS runs ('' skips)")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="the profiled run for GPU busy share [default: on for CUDA]")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
+    if args.simulate_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":  # before torch picks its kernels
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **SIMULATED_AVX2})
     if not args.data.exists():
         sys.exit(f"{args.data}: FER2013 zip not found (pass --data)")
 
@@ -171,7 +180,9 @@ def main() -> None:
     ours_batch = ["--batch-size", str(args.batch_size)] if args.batch_size else []
 
     rows = []
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, args.device), matmul_peak(torch.float32, args.device)
+    # emulated bf16 under a simulated AVX2 CPU runs ATen's scalar fallback: minutes for a yardstick nobody uses
+    peak_bf16 = float("nan") if args.simulate_avx2 else matmul_peak(torch.bfloat16, args.device)
+    peak_fp32 = matmul_peak(torch.float32, args.device)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"this CPU, {torch.get_num_threads()} threads"
     print(f"matmul peak on {where}: bf16 {peak_bf16:,.0f} GFLOP/s, fp32 {peak_fp32:,.0f} GFLOP/s "
@@ -183,32 +194,40 @@ def main() -> None:
         rows.append((f"reference (processor + {args.reference_dtype} model)", ref_s, n / ref_s, ref_rss))
         print(f"reference path: {ref_s:.1f} s", flush=True)
 
-    def ours(count: int | None, cache: Path, model: Path = model_dir) -> tuple[float, int, str]:
+    dtypes = args.dtype.split(",")
+
+    def ours(count: int | None, cache: Path, model: Path = model_dir, dtype: str = dtypes[0]
+             ) -> tuple[float, int, str]:
         return timed([sys.executable, "-m", "fercache", "extract", "--data", str(args.data), "--split", split,
-                      "--model", str(model), "--device", args.device, "--dtype", args.dtype, *ours_batch,
+                      "--model", str(model), "--device", args.device, "--dtype", dtype, *ours_batch,
                       *(["--limit", str(count)] if count else []), "--cache", str(cache)])
 
-    our_s, our_rss, output = ours(limit, tmp / "ours.h5")
-    # each split's summary: "<split>: N images -> D-d in S s (R img/s) -> cache"
-    encode_s = sum(int(count.replace(",", "")) / float(rate)
-                   for count, rate in re.findall(r"^\w+: ([\d,]+) images.*\(([\d.]+) img/s\)", output, re.M))
-    rows.append((f"fercache extract (--dtype {args.dtype})", our_s, n / our_s, our_rss))
+    inside = {}  # dtype -> (img/s inside fercache, its int8 fidelity line if any)
+    for dtype in dtypes:
+        our_s, our_rss, output = ours(limit, tmp / f"ours-{dtype}.h5", dtype=dtype)
+        # each split's summary: "<split>: N images -> D-d in S s (R img/s) -> cache"
+        encode_s = sum(int(count.replace(",", "")) / float(rate)
+                       for count, rate in re.findall(r"^\w+: ([\d,]+) images.*\(([\d.]+) img/s\)", output, re.M))
+        rows.append((f"fercache extract (--dtype {dtype})", our_s, n / our_s, our_rss))
+        fidelity = timed([sys.executable, "-m", "fercache", "info", str(tmp / f"ours-{dtype}.h5")])[2]
+        inside[dtype] = (n / encode_s, next((line for line in fidelity.splitlines() if "fidelity" in line), ""))
 
-    print(f"\n{n:,} real FER2013 images, ViT-B/32 architecture (random weights), device {args.device}; "
-          "wall time from process start to exit:")
+    simulated = " (SIMULATED AVX2-only CPU: " + " ".join(f"{k}={v}" for k, v in SIMULATED_AVX2.items()) + ")"
+    print(f"\n{n:,} real FER2013 images, ViT-B/32 architecture (random weights), device {args.device} on "
+          f"{cpu_name()}{simulated if args.simulate_avx2 else ''}; wall time from process start to exit:")
     print(f"{'path':<40}{'seconds':>9}{'img/s':>9}{'peak RSS MiB':>14}")
     for name, s, rate, rss in rows:
         print(f"{name:<40}{s:>9.1f}{rate:>9.1f}{rss:>14,}")
-    if not args.skip_reference:
-        print(f"speed-up end to end: {ref_s / our_s:.2f}x")
-    inside = n / encode_s
-    achieved = inside * flops / 1e9
-    print(f"inside fercache (decode, encode, commit): {inside:,.1f} img/s x {flops / 1e9:.2f} GFLOP/img = "
-          f"{achieved:,.0f} GFLOP/s = {achieved / peak_bf16:.1%} of the bf16 matmul peak, "
-          f"{achieved / peak_fp32:.1%} of the fp32 peak")
+    for (name, s, _, _), (dtype, (rate, fidelity)) in zip(rows[-len(dtypes):], inside.items()):
+        if not args.skip_reference:
+            print(f"speed-up end to end, --dtype {dtype}: {ref_s / s:.2f}x")
+        achieved = rate * flops / 1e9
+        print(f"inside fercache --dtype {dtype} (decode, encode, commit): {rate:,.1f} img/s x {flops / 1e9:.2f} "
+              f"GFLOP/img = {achieved:,.0f} GFLOP/s = {achieved / peak_bf16:.1%} of the bf16 matmul peak, "
+              f"{achieved / peak_fp32:.1%} of the fp32 peak" + (f"; {fidelity}" if fidelity else ""))
 
     if args.profile if args.profile is not None else args.device.startswith("cuda"):
-        busy, span, _ = profiled(args.data, model_dir, split, limit, args.device, args.dtype, args.batch_size,
+        busy, span, _ = profiled(args.data, model_dir, split, limit, args.device, dtypes[0], args.batch_size,
                                  tmp / "profiled.h5")
         if span:
             loop = n * flops / span / 1e9

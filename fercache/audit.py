@@ -54,6 +54,7 @@ EPOCHS = 10  # of the out-of-fold linear heads (Adam, batches of 256, at LR: ten
 LR = 1e-2  # so that ten epochs fit the head well)
 MIN_STEPS = 200  # ... and on small sets as many epochs as make this many Adam steps
 GALLERY = 24
+TOP = 1000  # the most confident suspected label errors, compared with FER+ apart
 STATS = ("sharpness", "contrast", "brightness", "blockiness")
 EXTRA = "fercache[audit]"
 TEST_USAGES = {"test", "public_test", "private_test"}
@@ -509,11 +510,17 @@ def label_issues(faces: Faces, features: np.ndarray, ferplus: str | os.PathLike 
         flagged = np.zeros(len(y), bool)
         flagged[ranked] = True
         known = rows[train] >= 0  # Kaggle faces fercache's table ties to a CSV row
-        relabelled = ferplus_relabelled(ferplus, rows[train][known], y[known])
-        flagged = flagged[known]
-        out["ferplus"] = {"relabelled_among_flagged": round(float(relabelled[flagged].mean()), 4) if flagged.any() else None,
-                          "relabelled_among_rest": round(float(relabelled[~flagged].mean()), 4) if (~flagged).any() else None,
-                          "flagged": int(flagged.sum()), "faces_with_votes": int(known.sum())}
+        relabelled = np.full(len(y), np.nan)
+        relabelled[known] = ferplus_relabelled(ferplus, rows[train][known], y[known])
+
+        def share(rows_: np.ndarray) -> float | None:
+            values = relabelled[rows_][known[rows_]]
+            return round(float(values.mean()), 4) if len(values) else None
+
+        out["ferplus"] = {"relabelled_among_flagged": share(np.flatnonzero(flagged)),
+                          "relabelled_among_rest": share(np.flatnonzero(~flagged)),
+                          f"relabelled_among_first_{TOP}": share(np.asarray(ranked[:TOP], dtype=np.int64)),
+                          "flagged": int(flagged[known].sum()), "faces_with_votes": int(known.sum())}
     return out
 
 
@@ -582,7 +589,8 @@ def summary_lines(report: dict) -> list[str]:
                 f"out-of-fold {li['head']}, accuracy {li['oof_accuracy']:.4f})")
         fp = li.get("ferplus", {})
         if fp.get("relabelled_among_flagged") is not None:
-            line += (f"; FER+ relabelled {fp['relabelled_among_flagged']:.1%} of them, "
+            line += (f"; FER+ relabelled {fp['relabelled_among_flagged']:.1%} of them "
+                     f"({fp[f'relabelled_among_first_{TOP}']:.1%} of the first {TOP:,}), "
                      f"{fp['relabelled_among_rest']:.1%} of the rest")
         lines.append(line)
     if "files" in report:
@@ -693,7 +701,8 @@ def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarr
                      "confident first: given label, then the head's guess</p>")
         fp = li.get("ferplus", {})
         if fp.get("relabelled_among_flagged") is not None:
-            parts.append(f"<p>FER+ annotators relabelled {fp['relabelled_among_flagged']:.1%} of these faces and "
+            parts.append(f"<p>FER+ annotators relabelled {fp['relabelled_among_flagged']:.1%} of these faces "
+                         f"({fp[f'relabelled_among_first_{TOP}']:.1%} of the first {TOP:,}) and "
                          f"{fp['relabelled_among_rest']:.1%} of the others.</p>")
         elif fp.get("note"):
             parts.append(f"<p class=note>{esc(fp['note'])}</p>")

@@ -174,3 +174,11 @@ BACKENDS: tuple[Backend, ...] = (
 def backend_of(model: str) -> Backend | None:
     """The library that reads `model`; None: a Hugging Face transformers model."""
     return next((b for b in BACKENDS if b.claims(model)), None)
+
+
+def tuning_of(module: nn.Module, where: str):
+    """Stage three's view of a library's model (`finetune.LibraryTower`, from its reader's `tuning`),
+    found by the package the model's class comes from; None: a transformers model."""
+    package = type(module).__module__.partition(".")[0]
+    backend = next((b for b in BACKENDS if b.package == package), None)
+    return importlib.import_module(backend.module).tuning(module, where) if backend is not None else None

@@ -3,12 +3,15 @@
 Layout (documented in the README):
 
     /                      attrs: the identity (fercache.identity: model, model_revision, model_weights,
-                                  preprocess, feature, dtype, image_size, layers, tokens, views, source),
-                                  dim, classes, fercache_version, format_version
+                                  preprocess, feature, dtype, image_size, images, layers, tokens, views,
+                                  source, classes), dim, canonical, dataset, fercache_version, format_version
+                           (classes: the label names in label order; canonical: each one's expression)
     /<split>/embeddings    float32 (N, D), chunked
     /<split>/labels        int64 (N,)
     /<split>/ids           UTF-8 strings (N,)
-    /<split>/usage         UTF-8 strings (N,): train, public_test or private_test per row
+    /<split>/usage         UTF-8 strings (N,): train, public_test or private_test per row (all: no split)
+    /<split>/votes         float32 (N, 10): FER+'s vote counts per row (only for FER+)
+    /<split>/subjects      UTF-8 strings (N,): the person in each face (datasets that say: CK+, JAFFE)
     /<split>/layers/<k>    float32 (N, D_k): the feature after block k (only with --layers)
     /<split>/flip/...      the same features of the mirrored faces (only with --tta flip)
     /<split>/tokens        float16 (N, T, D): the token sequence entering block K+1 (only with --tokens K)
@@ -50,11 +53,11 @@ except ImportError:  # Windows: commits are not serialised there
     fcntl = None
 
 from fercache.errors import UserError, first_line, warn
-from fercache.identity import Identity
-from fercache.names import CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
+from fercache.identity import Identity, dataset_of
+from fercache.names import CANONICAL, CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
 
 FORMAT_VERSION = 2  # 1: fercache 0.1.0 (no `model_weights`, no `format_version`); both read the same
-JSON_ATTRS = ("classes", "layers", "tokens", "views", "source", "selection")
+JSON_ATTRS = ("classes", "canonical", "layers", "tokens", "views", "source", "selection")
 STR = h5py.string_dtype("utf-8")
 TOKENS = feature_name(tokens=True)  # stored as float16: 2.8 GB for all of FER2013 with ViT-B/32, not 5.5
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -80,13 +83,21 @@ class Embeddings(NamedTuple):
     meta: dict
 
 
-def cache_meta(identity: Identity, dim: int, source: dict | None = None) -> dict:
+def cache_meta(identity: Identity, dim: int, source: dict | None = None, dataset: str = "fer2013",
+               canonical: tuple[str, ...] | None = None) -> dict:
     """A cache's root attributes: its identity, the feature dimension and where the rows came from.
 
     `source` is `{"path", "format", "fingerprint"}`; its fingerprint must be `identity.source`.
+    The labels index `identity.classes` (FER2013's when it names none); `canonical` gives each
+    class's canonical expression (what a head of another dataset is matched on).
     """
-    return {**identity.to_meta(), "dim": dim, "classes": list(CLASSES), "fercache_version": fercache_version(),
-            "format_version": FORMAT_VERSION, "source": source or {"fingerprint": identity.source}}
+    classes = identity.classes or CLASSES
+    if canonical is None:
+        canonical = CANONICAL if tuple(classes) == CLASSES else classes
+    return {**identity.to_meta(), "dim": dim, "classes": list(classes), "canonical": list(canonical),
+            "dataset": dataset, "fercache_version": fercache_version(), "format_version": FORMAT_VERSION,
+            "source": source or {"fingerprint": identity.source}}
+
 
 
 def write_attrs(obj: h5py.HLObject, attrs: dict) -> None:
@@ -180,7 +191,7 @@ class PartFile:
     """
 
     def __init__(self, path: Path, meta: dict, shard: str, capacity: int, shapes: dict[str, tuple[int, ...]],
-                 chunk: int, fresh: bool = False, forced: bool = False):
+                 chunk: int, fresh: bool = False, forced: bool = False, subjects: bool = False):
         self.path = path
         self.file = self._resume(path, meta, shard, fresh, forced)
         if self.file is None:
@@ -196,6 +207,8 @@ class PartFile:
             self.file.create_dataset("ids", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
             self.file.create_dataset("labels", shape=(capacity,), dtype=np.int64)
             self.file.create_dataset("usage", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
+            if subjects:  # the person in each face, where the dataset says (CK+, JAFFE): folds keep them apart
+                self.file.create_dataset("subjects", shape=(capacity,), dtype=STR, chunks=(rows,) if capacity else None)
             for name, shape in shapes.items():
                 self.file.create_dataset(name, shape=(capacity, *shape),
                                          dtype=np.float16 if name == TOKENS else np.float32,
@@ -227,7 +240,7 @@ class PartFile:
         return f
 
     def append(self, ids: list[str], labels: np.ndarray, usage: list[str], consumed: int,
-               features: dict[str, np.ndarray]) -> None:
+               features: dict[str, np.ndarray], subjects: list[str] | None = None) -> None:
         """Write rows after those already here (durable only after the next `flush`)."""
         lo, hi = self.rows, self.rows + len(ids)
         for name, rows in features.items():  # float16 overflow (tokens, or a float16 encoder's) and NaN
@@ -244,6 +257,8 @@ class PartFile:
         self.file["ids"][lo:hi] = np.array(ids, dtype=object)
         self.file["labels"][lo:hi] = labels
         self.file["usage"][lo:hi] = np.array(usage, dtype=object)
+        if subjects is not None:
+            self.file["subjects"][lo:hi] = np.array(subjects, dtype=object)
         for name, rows in features.items():
             self.file[name][lo:hi] = rows
         self.rows, self.consumed = hi, consumed
@@ -281,15 +296,17 @@ def resumed_rows(parts: list[Path]) -> int:
 
 
 def write_split(cache: str | os.PathLike, split: str, meta: dict, ids: list[str], labels: np.ndarray,
-                usage: list[str], features: dict[str, np.ndarray]) -> None:
-    """Write a whole split already in memory (a converted or synthetic cache) the way `extract` does."""
+                usage: list[str], features: dict[str, np.ndarray], subjects: list[str] | None = None) -> None:
+    """Write a whole split already in memory (a converted or synthetic cache) the way `extract` does
+    (`features` may hold FER+'s `votes`; `subjects`: each face's person)."""
     cache = Path(cache)
     lengths = {len(ids), len(labels), len(usage), *(len(x) for x in features.values())}
     if len(lengths) > 1:
         raise ValueError(f"write_split: ids, labels, usage and features differ in length ({sorted(lengths)})")
     part = PartFile(part_path(cache, split), meta, shard_digest(ids), len(ids),
-                    {name: x.shape[1:] for name, x in features.items()}, chunk=1024, fresh=True)
-    part.append(ids, labels, usage, len(ids), features)
+                    {name: x.shape[1:] for name, x in features.items()}, chunk=1024, fresh=True,
+                    subjects=subjects is not None)
+    part.append(ids, labels, usage, len(ids), features, subjects)
     part.flush(done=True)
     part.close()
     commit(cache, split, [part.path], meta, {"split": split, "limit": None, "count": len(ids)})
@@ -324,8 +341,9 @@ def commit(cache: Path, split: str, parts: list[Path], meta: dict, selection: di
             carry = cache.exists() and not replace
             if carry:
                 read_identity(cache).check(Identity.from_meta(meta), cache, hint=(
-                    f"another job wrote it since this one started; this job's rows stay in {parts[0].parent}: "
-                    "run one job per cache, or --force to replace it"))
+                    f"another job wrote it since this one started; this job's finished rows stay in "
+                    f"{parts[0].parent}: move or delete {cache} and rerun the same command, which reuses them "
+                    "(not --force, which discards them; one job per cache at a time)"))
             with h5open(tmp, "w") as out:
                 write_attrs(out, meta)
                 if carry:
@@ -465,7 +483,7 @@ def load_embeddings(cache: str | os.PathLike, split: str = "train", layer: int |
                 x, y, i = x[keep], y[keep], [s for s, k in zip(i, keep) if k]
             xs.append(x), ys.append(y), ids.extend(i)
     meta["split"] = split
-    return Embeddings(np.concatenate(xs), np.concatenate(ys), ids, list(meta.get("classes", CLASSES)), meta)
+    return Embeddings(np.concatenate(xs), np.concatenate(ys), ids, dataset_of(meta)[1], meta)
 
 
 def load_tokens(cache: str | os.PathLike, split: str = "train") -> Embeddings:
@@ -473,6 +491,32 @@ def load_tokens(cache: str | os.PathLike, split: str = "train") -> Embeddings:
     float16 (N, T, D), what enters block K+1 (`meta["tokens"]` is K); `y, ids, classes, meta` as
     `load_embeddings` gives them. ViT-B/32: T = 50 (49 patches and CLS), D = 768."""
     return load_embeddings(cache, split, tokens=True)
+
+
+def load_votes(cache: str | os.PathLike, split: str) -> np.ndarray:
+    """FER+'s vote counts of a split's rows (N x 10, in `datasets.FERPLUS_VOTES` order), as `extract` stored them."""
+    return _rows(cache, split, "votes", "no FER+ votes stored (a FER+ cache has them: extract --dataset ferplus)")
+
+
+def load_subjects(cache: str | os.PathLike, split: str) -> list[str]:
+    """The person in each of a split's faces (CK+, JAFFE), as `extract` stored them: what folds keep apart."""
+    return [s.decode() for s in _rows(cache, split, "subjects", "no subject ids stored (its dataset gives none): "
+                                                                  "folds need a dataset with subjects, as CK+ and JAFFE")]
+
+
+def _rows(cache: str | os.PathLike, split: str, name: str, missing: str) -> np.ndarray:
+    """Dataset `name` of a split's rows (its groups joined, a half filtered by usage), or a `UserError`."""
+    path = Path(cache)
+    with _open(path) as f:
+        out = []
+        for group, usage in _groups(f, split, path):
+            if name not in group:
+                raise UserError(f"{path}: {missing}")
+            rows = group[name][:]
+            if usage is not None:
+                rows = rows[np.array([u.decode() == usage for u in group["usage"][:]], dtype=bool)]
+            out.append(rows)
+    return np.concatenate(out)
 
 
 def usage_of(cache: str | os.PathLike, split: str) -> list[str]:
@@ -495,9 +539,9 @@ def describe_cache(cache: str | os.PathLike) -> dict:
         splits = {}
         for name in f:
             g = f[name]
-            counts = np.bincount(g["labels"][:], minlength=len(CLASSES))
+            counts = np.bincount(g["labels"][:], minlength=len(dataset_of(meta)[1]))
             splits[name] = {"count": int(g["labels"].shape[0]), "complete": bool(g.attrs.get("complete", False)),
                             "dim": int(g["embeddings"].shape[1]),
-                            "features": sorted(n for n in _datasets(g) if n not in ("ids", "labels", "usage")),
-                            "per_class": {c: int(n) for c, n in zip(meta.get("classes", CLASSES), counts)}}
+                            "features": sorted(n for n in _datasets(g) if n not in ("ids", "labels", "usage", "votes", "subjects")),
+                            "per_class": {c: int(n) for c, n in zip(dataset_of(meta)[1], counts)}}
     return {"format": "fercache-cache", "path": str(path), **meta, "splits": splits}

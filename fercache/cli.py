@@ -35,6 +35,14 @@ ClassesOpt = typer.Option(None, "--classes", help="A generic [<split>/]<class>/<
                           "in label order: a,b,c.")
 VotesOpt = typer.Option(None, "--votes", help="FER+'s fer2013new.csv, for --dataset ferplus on a FER2013 source "
                         "[default: beside it]")
+ImagesOpt = typer.Option("gray48", "--images", help="gray48: every face 48x48 gray, as FER2013's (the pixels "
+                         "baseline's only form); native: each image's own colour and size, the model's own processor "
+                         "rule applied.")
+LabelsOpt = typer.Option(None, "--labels", help="FER+ caches: ferplus-majority (FER+'s majority vote, the default) or "
+                         "ferplus-votes (the vote shares as soft targets); accuracy is always against the majority.")
+FoldsOpt = typer.Option(None, "--folds", help="Datasets without a split (CK+, JAFFE): K subject-independent folds, "
+                        "or 'subjects' (leave one subject out); reports the mean and spread over folds and the pooled "
+                        "predictions.")
 ModelOpt = typer.Option(DEFAULT_MODEL, help="Hub id or local folder of a Hugging Face vision model (CLIP, SigLIP, "
                         "DINOv2, ViT, ConvNeXt, ResNet, EfficientNet, ...), an OpenCLIP checkpoint (hf-hub:org/name), "
                         "a timm one (timm/name), or `pixels` for the raw-pixel baseline.")
@@ -43,7 +51,11 @@ RevisionOpt = typer.Option(None, help="Hub branch, tag or commit [default: main]
 PreprocessOpt = typer.Option(PREPROCESS[0], help="clip: the model's own image processor; seed: the reference "
                              "project's recipe (bilinear, mean/std 0.5).")
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda or mps.")
-DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16.")
+ExcludeDuplicatesOpt = typer.Option(False, "--exclude-duplicates", help="Leave out the faces with a copy across "
+                                    "train and test (exact or near, as `audit` finds them): train faces in fit, "
+                                    "finetune and probe; the scored split's in evaluate.")
+DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16; "
+                        "int8 (CPU: Linear layers quantised, fidelity measured and stored).")
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
 ExtractBatchOpt = typer.Option(None, "--batch-size", help="Images per forward pass of the encoder "
                                "[default: 64; 256 on CUDA].")
@@ -105,10 +117,13 @@ def _stage_one(device: str, file_locking: bool) -> Iterator[tuple[str, int]]:
 
 def _echo_fit(result) -> None:
     """The epoch table (or logreg's C search), the test figures and where the files are."""
-    from fercache.report import format_table, with_interval
+    from fercache.report import format_table, unseen_line, with_interval
 
     m = result.metrics
-    if m["method"] != "logreg":  # linear, and finetune's, whose rows add validation
+    if m.get("folds"):  # cross-validation: one row per fold
+        keys = ["fold", "train_count", "test_count", "test_subjects", "accuracy", "macro_f1", "balanced_accuracy"]
+        typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["folds"]["per_fold"]]))
+    elif m["method"] != "logreg":  # linear, and finetune's, whose rows add validation
         keys = [k for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
                 if k in m["history"][0]]
         typer.echo(format_table(keys, [[r[k] for k in keys] for r in m["history"]]))
@@ -130,10 +145,18 @@ def _echo_fit(result) -> None:
     halves = [figure(f"{half}_test_accuracy", half) for half in ("public", "private")
               if m.get(f"{half}_test_accuracy") is not None and m.get("test_split", "test") == "test"]
     # (a --limit may hold one half only; with --val public_test, test is PrivateTest alone)
-    typer.echo(figure("test_accuracy", f"{m.get('test_split', 'test')} accuracy")
+    typer.echo(figure("test_accuracy", "pooled accuracy" if m.get("folds") else f"{m.get('test_split', 'test')} accuracy")
                + (f" ({', '.join(halves)})" if halves else "") + ", " + figure("macro_f1", "macro-F1")
                + (", " + figure("balanced_accuracy", "balanced accuracy") if "balanced_accuracy" in m else "")
                + f" on {m['test_count']:,} faces (95% bootstrap intervals); fitted in {m['fit_seconds']:.2f} s")
+    if "test_unseen_count" in m:
+        typer.echo(unseen_line(m))
+    if m.get("folds"):
+        f = m["folds"]
+        typer.echo(f"{f['count']} subject-independent folds ({f['subjects']} subjects, --folds {f['folds']}): accuracy "
+                   f"{f['accuracy_mean']:.4f} ± {f['accuracy_std']:.4f}, macro-F1 {f['macro_f1_mean']:.4f} ± "
+                   f"{f['macro_f1_std']:.4f} (mean ± sd over folds); pooled: every face predicted once, by the fold "
+                   "that held it out; the saved head is fitted on all faces")
     if m.get("few_shot"):
         fs = m["few_shot"]
         typer.echo(f"{fs['shots']} faces per class, {fs['repeats']} draws: accuracy {fs['accuracy_mean']:.4f} ± "
@@ -158,16 +181,25 @@ def run(
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-<method>]."),
     revision: Optional[str] = RevisionOpt,
     file_locking: bool = LockingOpt,
+    dataset: Optional[str] = DatasetOpt,
+    classes: Optional[str] = ClassesOpt,
+    votes: Optional[Path] = VotesOpt,
+    images: str = ImagesOpt,
+    folds: Optional[str] = typer.Option(None, "--folds", help="Datasets without a split: K subject-independent "
+                                        "folds or 'subjects' [default: 10 there; none where there is a split]."),
+    labels: Optional[str] = LabelsOpt,
 ) -> None:
     """The whole job: extract train and test (reusing the cache), fit the head, report on test.
 
+    A dataset without a split (CK+, JAFFE) is cross-validated over subject-independent folds.
     Under `torchrun ... -m fercache run ...` the ranks extract as `extract` does; rank 0 alone fits.
     """
     from fercache.pipeline import run as run_all
 
     with _stage_one(device, file_locking) as (device, rank):
         summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit,
-                                    cache, out, revision=revision)
+                                    cache, out, revision=revision, dataset=dataset, classes=classes, votes=votes,
+                                    images=images, folds=folds, labels=labels)
     if rank == 0:
         for summary in summaries:
             typer.echo(str(summary))
@@ -189,7 +221,13 @@ def info(path: Path = typer.Argument(..., help="A dataset (zip, folder, CSV) or 
         return _emit(desc)
     if is_cache:
         typer.echo(f"{path}: cache of {desc['model']} ({desc['preprocess']} preprocessing, {desc['dtype']}, "
-                   f"{desc['feature']}); made by fercache {desc['fercache_version']} from {desc['source']['path']}")
+                   f"{desc['feature']}) on {desc.get('dataset', 'fer2013')} ({desc.get('images') or '48x48 gray'} "
+                   f"images); made by fercache {desc['fercache_version']} from {desc['source']['path']}")
+        if "int8_fidelity" in desc:
+            from fercache.accelerate import INT8_MIN_COSINE
+
+            typer.echo(f"int8 fidelity: cosine {desc['int8_fidelity']:.4f} to float32 on the first batch (heads fitted "
+                       f"on float features need {INT8_MIN_COSINE})")
         tokens = desc.get("tokens")
         typer.echo(f"layers: {desc.get('layers') or 'none'}; views: {', '.join(desc.get('views', ['plain']))}; "
                    f"tokens: {'none' if tokens is None else f'entering block {tokens + 1} (--tokens {tokens})'}")
@@ -226,8 +264,12 @@ def extract(
     file_locking: bool = LockingOpt,
     tokens: Optional[int] = typer.Option(None, help="Also store the token sequence entering block K+1 (float16), "
                                          "for `finetune --blocks <depth - K>`; ViT-B/32: 2.8 GB for all of FER2013."),
+    dataset: Optional[str] = DatasetOpt,
+    classes: Optional[str] = ClassesOpt,
+    votes: Optional[Path] = VotesOpt,
+    images: str = ImagesOpt,
 ) -> None:
-    """Stage one: encode FER2013 with a frozen vision model, once, into an HDF5 cache.
+    """Stage one: encode a dataset (FER2013 by default) with a frozen vision model, once, into an HDF5 cache.
 
     Under `torchrun --nproc-per-node N -m fercache extract ...` each rank encodes a shard.
     """
@@ -235,7 +277,8 @@ def extract(
 
     with _stage_one(device, file_locking) as (device, rank):
         summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
-                                force, layers, tta, strict, revision=revision, tokens=tokens)
+                                force, layers, tta, strict, revision=revision, tokens=tokens, dataset=dataset,
+                                classes=classes, votes=votes, images=images)
     if rank == 0:
         for summary in summaries:
             typer.echo(str(summary))
@@ -259,12 +302,16 @@ def fit(
     class_weight: str = ClassWeightOpt,
     shots: Optional[int] = typer.Option(None, help="Few-shot: fit on K training faces per class only."),
     repeats: int = typer.Option(1, help="With --shots: this many draws of K faces; mean and sd are reported."),
+    exclude_duplicates: bool = ExcludeDuplicatesOpt,
+    folds: Optional[str] = FoldsOpt,
+    labels: Optional[str] = LabelsOpt,
 ) -> None:
     """Stage two: fit a linear head on the cached train features, report on test, save the head."""
     from fercache.fit import fit as run_fit
 
     _echo_fit(run_fit(cache, method, epochs, lr, batch_size, weight_decay, seed, standardize, layer, views, out,
-                      val=val, class_weight=class_weight, shots=shots, repeats=repeats))
+                      val=val, class_weight=class_weight, shots=shots, repeats=repeats,
+                      exclude_duplicates=exclude_duplicates, folds=folds, labels=labels))
 
 
 @app.command()
@@ -297,6 +344,8 @@ def finetune(
                                  "flip and small rotation."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-finetune-top<N>]."),
     restart: bool = typer.Option(False, "--restart", help="Discard the run folder's checkpoint instead of resuming."),
+    labels: Optional[str] = LabelsOpt,
+    exclude_duplicates: bool = ExcludeDuplicatesOpt,
 ) -> None:
     """Stage three: tune the top blocks, the final norm and a linear head; report like fit, save the weights.
 
@@ -309,7 +358,8 @@ def finetune(
                               revision=revision, limit=limit, epochs=epochs, lr=lr, batch_size=batch_size,
                               weight_decay=weight_decay, label_smoothing=label_smoothing, layer_decay=layer_decay,
                               warmup=warmup, patience=patience, val=val, seed=seed, device=device, dtype=dtype,
-                              augment=augment, out=out, restart=restart)
+                              augment=augment, out=out, restart=restart, exclude_duplicates=exclude_duplicates,
+                              labels=labels)
     except KeyboardInterrupt:
         typer.echo("\nfercache: interrupted; finished epochs are kept: the same command again goes on from the last",
                    err=True)
@@ -327,13 +377,15 @@ def evaluate(
     cache: Optional[Path] = DefaultCacheOpt,
     split: str = SplitOpt,
     out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
+    exclude_duplicates: bool = ExcludeDuplicatesOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Score a saved head on a split of a cache made with the same model and preprocessing."""
+    """Score a saved head on a split of a cache made with the same model and preprocessing; on another
+    dataset's cache, on the classes the two share (matched by expression), naming those left out."""
     from fercache.fit import evaluate as run_evaluate
-    from fercache.report import format_table, with_interval
+    from fercache.report import format_table, unseen_line, with_interval
 
-    report = run_evaluate(cache, head, split, out)
+    report = run_evaluate(cache, head, split, out, exclude_duplicates=exclude_duplicates)
     if as_json:
         return _emit(report)
     def figure(key: str) -> str:
@@ -344,6 +396,14 @@ def evaluate(
     typer.echo(f"{split} ({report['count']:,} faces, 95% bootstrap intervals): accuracy {figure('accuracy')}{parts}, "
                f"macro-F1 {figure('macro_f1')}, balanced accuracy {figure('balanced_accuracy')}"
                + (f", ECE {report['calibration']['ece']:.4f}" if "calibration" in report else ""))
+    if "left_out" in report:  # a head of another dataset: its classes matched by expression
+        left = ", ".join(f"{c} ({n:,} faces)" for c, n in report["left_out"].items()) or "none"
+        typer.echo(f"a {report['head_dataset']} head on {report['dataset']}: scored on the {len(report['per_class'])} "
+                   f"shared classes; left out: {left}"
+                   + (f"; never predicted: {', '.join(report['head_classes_unused'])}"
+                      if report["head_classes_unused"] else ""))
+    elif split != "train":
+        typer.echo(unseen_line(report))
     keys = ["precision", "recall", "f1", "support"]
     typer.echo(format_table(["class", *keys], [[c, *(r[k] for k in keys)] for c, r in report["per_class"].items()]))
 
@@ -408,19 +468,27 @@ def probe(
     val: str = ValOpt,
     class_weight: str = ClassWeightOpt,
     seed: int = typer.Option(0, help="Seeds the heads and the validation part of train."),
+    exclude_duplicates: bool = ExcludeDuplicatesOpt,
     as_json: bool = JsonOpt,
+    folds: Optional[str] = FoldsOpt,
 ) -> None:
     """Fit a head per stored layer (and the pooled feature): which block knows most about expression."""
     from fercache.probe import probe as run_probe
     from fercache.probe import probe_table
     from fercache.report import format_table
 
-    result = run_probe(cache, out, method, views, seed, val=val, class_weight=class_weight)
+    result = run_probe(cache, out, method, views, seed, val=val, class_weight=class_weight,
+                       exclude_duplicates=exclude_duplicates, folds=folds)
     if as_json:
         return _emit(result)
     typer.echo(f"{result['model']}: {method} probe fitted on {result['train_count']:,} train faces, chosen on "
                f"{result['val_count']:,} {result['val_split']} faces, tested on {result['test_count']:,} "
                f"{result['test_split']} faces ({views} view)")
+    if result.get("folds"):
+        c = result["chosen"]
+        typer.echo(f"{result['folds']['count']} subject-independent folds: the layer chosen on each fold's validation "
+                   f"part ({', '.join(map(str, c['layers']))}), pooled test accuracy {c['accuracy']:.4f} "
+                   f"[{c['accuracy_low']:.4f}, {c['accuracy_high']:.4f}]; per layer, pooled over folds:")
     typer.echo(format_table(*probe_table(result)))
     typer.echo(f"best on validation: layer {result['best_layer']}; wrote {result['files']['json']} and "
                f"{result['files']['plot']}")
@@ -437,12 +505,18 @@ def zeroshot(
     batch_size: int = EncodeBatchOpt,
     as_json: bool = JsonOpt,
     revision: Optional[str] = RevisionOpt,
+    dataset: Optional[str] = DatasetOpt,
+    classes: Optional[str] = ClassesOpt,
+    votes: Optional[Path] = VotesOpt,
+    images: str = ImagesOpt,
 ) -> None:
-    """CLIP's zero-shot guess from text prompts alone: the baseline a linear probe must beat."""
+    """CLIP's zero-shot guess from text prompts alone (each class by its expression's word): the baseline a
+    linear probe must beat."""
     from fercache.report import format_table
     from fercache.zeroshot import zeroshot as run_zeroshot
 
-    summary = run_zeroshot(data, split, limit, model, device, batch_size, revision=revision).summary()
+    summary = run_zeroshot(data, split, limit, model, device, batch_size, revision=revision, dataset=dataset,
+                           classes=classes, votes=votes, images=images).summary()
     if as_json:
         return _emit(summary)
     typer.echo(f"{model} zero-shot on {summary['count']:,} {split} faces ({len(summary['templates'])} prompts "
@@ -472,7 +546,7 @@ def audit(
                                          "cosine near-duplicates and suspected label errors."),
     out: Path = typer.Option(Path("runs/audit"), help="Folder for audit.json and audit.html."),
     ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="FER+ votes (fer2013new.csv): how many suspected "
-                                           "label errors FER+ relabelled (CSV sources)."),
+                                           "label errors FER+ relabelled (FER2013 sources, CSV or Kaggle)."),
     dataset: Optional[str] = DatasetOpt,
     as_json: bool = JsonOpt,
 ) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fercache.errors import UserError, warn
-from fercache.names import CANONICAL, CLASSES, SIZE, SPLIT_CHOICES, SPLITS, choice, data_dir
+from fercache.names import CANONICAL, CLASSES, SIZE, SPLITS, choice, data_dir
 # CSV `Usage` values and Kaggle file-name prefixes -> the finest split a row belongs to.
 USAGES = {"Training": "train", "PublicTest": "public_test", "PrivateTest": "private_test"}
 CANDIDATES = ("fer2013.zip", "fer2013", "fer2013.csv", "icml_face_data.csv")
@@ -96,6 +96,7 @@ class Source:
     splits: tuple[str, ...] = SPLITS  # what `select` and `describe` know; ("all",): no split (use folds)
     dropped: dict[str, int] = field(default_factory=dict)  # faces the reader left out, by reason
     joined: tuple[Path, ...] = ()  # files besides the images that the labels come from (fingerprinted)
+    archive: zipfile.ZipFile | None = field(default=None, repr=False, compare=False)  # the zip the index read
 
     def select(self, split: str) -> list[Entry]:
         """The entries of one split (`all` is train followed by test, or every entry without a split)."""
@@ -369,28 +370,35 @@ def _index_folder(path: Path) -> Source:
 
 
 def _index_zip(path: Path) -> Source:
-    return Source(path, "zip", _entries_from_paths(list_files(path).names, path))
+    files = list_files(path)
+    return Source(path, "zip", _entries_from_paths(files.names, path), archive=files._zip)
 
 
 def _decoder(source: Source, native: bool = False) -> Callable[[Entry], tuple[np.ndarray, bool] | str]:
     """Decodes one entry of `source` in any thread: (array, converted), or why it is unreadable.
 
     A bad CSV row is a `UserError` that names its line; a bad image file is returned as a reason,
-    for the caller to skip or refuse (`--strict`). Each thread opens the zip once. `native`: the
-    image as stored (H x W x 3; a CSV row is 48x48 gray, repeated to 3 channels).
+    for the caller to skip or refuse (`--strict`). The zip the index read (`Source.archive`; else
+    one opened on first use) is shared by every thread (zipfile's reads are thread-safe: each seeks
+    under the archive's lock): a zip of 290,000 images takes seconds and ~100 MB to index, which a
+    copy per thread would multiply by the threads (`bench/scale.py`). `native`: the image as stored
+    (H x W x 3; a CSV row is 48x48 gray, repeated to 3 channels).
     """
     if source.format.endswith(".csv"):
         if native:
             return lambda e: (np.repeat(_csv_row(source._csv_pixels[e.ref], source.path, e.id)[0][..., None], 3, 2), False)
         return lambda e: _csv_row(source._csv_pixels[e.ref], source.path, e.id)
-    local = threading.local()
+    shared: list[zipfile.ZipFile] = [source.archive] if source.archive is not None else []
+    opening = threading.Lock()
 
     def read(e: Entry) -> bytes:
         if source.format == "folder":
             return Path(e.ref).read_bytes()
-        if not hasattr(local, "zip"):
-            local.zip = zipfile.ZipFile(source.path)
-        return local.zip.read(e.ref)
+        if not shared:
+            with opening:
+                if not shared:
+                    shared.append(zipfile.ZipFile(source.path))
+        return shared[0].read(e.ref)
 
     def one(e: Entry) -> tuple[np.ndarray, bool] | str:
         try:

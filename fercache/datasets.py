@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import lzma
+import os
 import re
 import zipfile
 from collections import Counter
@@ -184,18 +185,42 @@ def subject_folds(entries: Sequence[Entry], k: int | str = 10, seed: int = 0) ->
 def ferplus_majority(votes: Sequence[int]) -> int:
     """FER+'s majority label, as its reader defines it (microsoft/FERPlus src/ferplus.py, 'majority').
 
-    Votes of one annotator are outliers and removed; the label is the emotion holding more than half
-    of the remaining votes, else UNKNOWN. Since the winner holds more than half, there are no ties.
-    UNKNOWN (also: no majority) and NOT_FACE are no expression: FER+ drops those faces.
+    Votes of one annotator are outliers and removed (`ferplus_outliers_removed`); the label is the
+    emotion holding more than half of the remaining votes, else UNKNOWN. Since the winner holds more
+    than half, there are no ties. UNKNOWN (also: no majority) and NOT_FACE are no expression: FER+
+    drops those faces.
     """
-    kept = [v if v > 1 else 0 for v in votes]  # plain Python: 10 numbers, 35,887 faces
-    top = max(range(len(kept)), key=kept.__getitem__)  # the first largest, as np.argmax
-    return top if kept[top] > 0.5 * sum(kept) else UNKNOWN
+    kept = ferplus_outliers_removed(votes)
+    top = int(np.argmax(kept))  # the first largest
+    return top if kept[top] > 0.5 * kept.sum() else UNKNOWN
+
+
+def ferplus_outliers_removed(votes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """FER+ votes (10, or N x 10) with every single vote set to 0: FER+'s reader (`_process_data`) takes
+    one annotator's vote for an outlier in every training mode, majority and soft alike."""
+    votes = np.asarray(votes)
+    return np.where(votes > 1, votes, 0)
+
+
+def check_labels(labels: str | None, dataset: str, soft: bool = True) -> str | None:
+    """`--labels` checked against the data: None for datasets other than FER+, `ferplus-majority` by
+    default for FER+; `ferplus-votes` (soft targets) only where the trainer takes them (`soft`)."""
+    from fercache.names import LABELS, choice
+
+    if labels is None:
+        return "ferplus-majority" if dataset == "ferplus" else None
+    choice(labels, LABELS, "--labels")
+    if dataset != "ferplus":
+        raise UserError(f"--labels {labels} needs a FER+ cache (extract --dataset ferplus); this one is {dataset}")
+    if labels == "ferplus-votes" and not soft:
+        raise UserError("--labels ferplus-votes trains on soft targets: use --method linear (logreg fits hard labels)")
+    return labels
 
 
 def ferplus_targets(votes: np.ndarray) -> np.ndarray:
-    """Soft targets from N x 10 FER+ votes: each face's share of votes over the 8 emotions (N x 8)."""
-    emotions = np.asarray(votes, dtype=np.float64)[:, :8]
+    """Soft targets from N x 10 FER+ votes: each face's share of the votes over the 8 emotions left once
+    outliers are removed (N x 8), as FER+'s reader renormalises them."""
+    emotions = ferplus_outliers_removed(votes)[:, :8].astype(np.float64)
     return emotions / np.maximum(emotions.sum(axis=1, keepdims=True), 1)
 
 
@@ -220,7 +245,7 @@ def _source(path: Path, files: Files, entries: list[Entry], splits: tuple[str, .
     """A Source over a folder or zip, entries in id order, refs resolved."""
     for e in entries:
         e.ref = files.ref(e.ref)
-    return Source(path, files.format, sorted(entries, key=lambda e: e.id), splits=splits, **more)
+    return Source(path, files.format, sorted(entries, key=lambda e: e.id), splits=splits, archive=files._zip, **more)
 
 
 def _label(code: str, codes: tuple[str, ...], where: str) -> int:
@@ -585,7 +610,7 @@ def _folders(path: Path, files: Files, options: Options) -> Source:
     if not options.classes:
         raise UserError(f"{path}: a generic <split>/<class>/<image> layout needs --classes a,b,c (their order)")
     lower = [c.lower() for c in options.classes]
-    entries = []
+    found = []
     for n in _images(files):
         parts = n.split("/")
         if len(parts) < 2:
@@ -593,7 +618,12 @@ def _folders(path: Path, files: Files, options: Options) -> Source:
         split = SPLIT_FOLDERS.get(parts[-3].lower()) if len(parts) >= 3 else None
         if parts[-2].lower() not in lower:
             raise UserError(f"{path}: class folder '{parts[-2]}' at {n} is not in --classes ({', '.join(options.classes)})")
-        entries.append(Entry("/".join(parts[-3 if split else -2:]), lower.index(parts[-2].lower()), split or "all", n))
+        found.append((n, parts, split))
+    # ids: the path below the folders every image shares (a wrapping folder), so images in other folders
+    # above <split>/<class> keep ids of their own
+    common = len(os.path.commonprefix([parts[:-3 if split else -2] for _, parts, split in found]))
+    entries = [Entry("/".join(parts[common:]), lower.index(parts[-2].lower()), split or "all", n)
+               for n, parts, split in found]
     usages = {e.usage for e in entries}
     if "all" in usages and len(usages) > 1:
         raise UserError(f"{path}: some images are in <split>/<class>/ folders and some only in <class>/ folders")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -100,9 +101,11 @@ def rank_device(device: str = "auto") -> str:
 
     With one GPU visible, that GPU, `cuda:0`: the rank's own where CUDA_VISIBLE_DEVICES picked it
     (SLURM's `--gpus-per-task 1` sets it per task), refused when several ranks share a machine's
-    only GPU. With several, the one at its local rank, `cuda:<LOCAL_RANK>`, refused when the
-    machine has more ranks than GPUs. Every rank of a machine decides alike (same environment
-    but LOCAL_RANK), so none is left waiting to join. An explicit `cuda:N` is used as given.
+    only GPU without it. With several, the one at its local rank, `cuda:<LOCAL_RANK>`, refused when
+    the machine has more ranks than GPUs. Every rank of a machine decides alike (same environment
+    but LOCAL_RANK), so none is left waiting to join. An explicit `cuda:N` is used as given. Ranks
+    that still share a GPU (`CUDA_VISIBLE_DEVICES=0` exported to all of them) are refused once
+    joined (`refuse_shared_gpus`): only the GPUs' identities tell.
     """
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -146,6 +149,7 @@ def torchrun_group(device: str = "auto") -> Iterator[tuple[str, int]]:
         torch.set_num_threads(cpu_threads())
     _join()
     try:
+        refuse_shared_gpus(device)
         yield device, dist.get_rank()
     finally:
         _control.clear()
@@ -158,7 +162,7 @@ def _join() -> None:
     try:
         dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
         control_group()
-    except RuntimeError as exc:  # torch's DistError and gloo's connection errors alike
+    except (RuntimeError, ValueError) as exc:  # DistError, gloo's connection errors; MASTER_ADDR/PORT unset or bad
         if dist.is_initialized():
             dist.destroy_process_group()
         env = os.environ.get
@@ -168,6 +172,19 @@ def _join() -> None:
                         "every rank, make MASTER_ADDR an address all machines reach (a host name must not resolve "
                         "to 127.0.1.1) and name the network interface in GLOO_SOCKET_IFNAME (and "
                         "NCCL_SOCKET_IFNAME), e.g. eth0") from None
+
+
+def refuse_shared_gpus(device: str) -> None:
+    """Refuse, on every rank alike, ranks computing on the same GPU of one machine (told apart by its
+    UUID, which CUDA_VISIBLE_DEVICES renumbering does not change): they would share its memory and
+    time, and run out of one or both."""
+    gpu = str(torch.cuda.get_device_properties(torch.device(device)).uuid) if device.startswith("cuda") else None
+    every = _gather((socket.gethostname(), gpu))
+    for r, (host, uuid) in enumerate(every):
+        first = every.index((host, uuid))
+        if uuid is not None and first < r:
+            raise UserError(f"ranks {first} and {r} share one GPU on {host} (GPU-{uuid}): start at most one rank "
+                            "per GPU, and show each rank its own (CUDA_VISIBLE_DEVICES per rank, or unset)")
 
 
 def _gather(value: Any) -> list[Any]:
@@ -216,10 +233,11 @@ def step() -> Iterator[None]:
     _steps[0] += 1
     _flag[:], _looked[0] = [f"fercache/failed/{_steps[0]}"], time.monotonic()
     error: Exception | None = None
+    stopped = False  # by another rank's flag: this rank's work is unfinished, whatever the others report
     try:
         yield
     except _PeerFailed:  # another rank's failure, shared below
-        pass
+        stopped = True
     except Exception as exc:  # flagged for the others' `check_peers`, shared below, then raised on every rank
         error = exc
         with suppress(RuntimeError):  # a store already gone (the job is ending) must not hide the error
@@ -232,6 +250,9 @@ def step() -> Iterator[None]:
         message = text if isinstance(error, UserError) else f"{type(error).__name__}: {text}".rstrip(": ")
     shared = _gather((message, error is None or isinstance(error, UserError)))
     failed = next((r for r, (m, _) in enumerate(shared) if m is not None), None)
+    if failed is None and stopped:
+        raise RankFailed(f"rank {rank}: stopped because another rank flagged a failure that no rank reported; "
+                         "run the same command again")
     if failed is None:
         return
     if error is not None and not isinstance(error, UserError):

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fercache.accelerate import int8_encoder
 from fercache.backends import TOKENS, Backend, Tower, backend_of
 from fercache.checkpoint import resolve
 from fercache.errors import UserError, first_line
 from fercache.families import (FAMILIES, Family, family_of, feature_dims, features, layer_count, model_class,
                                 vision_config)
 from fercache.identity import Identity
-from fercache.names import DEFAULT_MODEL, DTYPES, PIXELS, PREPROCESS, SIZE, choice, feature_name
+from fercache.names import DEFAULT_MODEL, DTYPES, INT8, PIXELS, PREPROCESS, SIZE, choice, feature_name
 from fercache.preprocess import Preprocessor, recipe_for
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 matmul instructions (Linux /proc/cpuinfo)
@@ -97,6 +98,7 @@ class Encoder:
     family: Family | None = None  # None: a vision model of no known family (pooled feature only)
     config: object = None  # the vision tower's config (where stage k's blocks end, ...)
     tower: Tower | None = None  # an OpenCLIP or timm model (then `model` is its module)
+    reference: Encoder | None = None  # --dtype int8: the float32 encoder it is measured against, once
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -120,7 +122,9 @@ class Encoder:
         out = {}
         for view in views:
             faces = pixels if view == "plain" else (
-                pixels.flip(-1) if isinstance(pixels, torch.Tensor) else np.ascontiguousarray(pixels[:, :, ::-1]))
+                pixels.flip(-1) if isinstance(pixels, torch.Tensor) else
+                [np.ascontiguousarray(p[:, ::-1]) for p in pixels] if isinstance(pixels, list)  # native H x W x 3
+                else np.ascontiguousarray(pixels[:, :, ::-1]))
             feats = self._features(faces, tokens=view == "plain")  # tokens of the plain faces only
             out.update({feature_name(None, view, tokens=True) if layer == TOKENS else feature_name(layer, view): f
                         for layer, f in feats.items()})
@@ -161,6 +165,9 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     image processor (slow to import), is filled in when the weights load.
     """
     dev = pick_device(device)
+    if dtype == INT8:  # the float32 encoder, its Linear layers then quantised (`fercache.accelerate`)
+        return int8_encoder(load_encoder(model, preprocess, device, "float32", layers=layers, weights=weights,
+                                         tokens=tokens, revision=revision, fingerprint=fingerprint), dev)
     if model == PIXELS:
         if layers:
             raise UserError("--layers needs a neural encoder; the pixels baseline has none")

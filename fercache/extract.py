@@ -21,13 +21,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fercache.accelerate import INT8_FIDELITY, int8_fidelity
 from fercache.cache import (PartFile, cache_meta, commit, part_path, read_identity, resumed_rows, shard_digest,
                             split_state)
-from fercache.data import Entry, Source, open_source
+from fercache.data import Entry, Source
+from fercache.datasets import open_dataset
 from fercache.distributed import agree, check_peers, rank_and_world, step
 from fercache.encoder import Encoder, load_encoder, pick_device
 from fercache.errors import UserError, at_least_one, first_line, warn
-from fercache.names import DEFAULT_MODEL, TTA, choice, default_cache, feature_name
+from fercache.identity import GRAY48, NATIVE
+from fercache.names import DEFAULT_MODEL, IMAGES, INT8, PIXELS, TTA, choice, default_cache, feature_name
+
+VOTES = "votes"  # FER+'s 10 vote counts per row (float32), stored beside the features where the source has them
 
 
 @dataclass
@@ -82,7 +87,9 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             preprocess: str = "clip", device: str = "auto", dtype: str = "auto", batch_size: int | None = None,
             limit: int | None = None, cache: str | os.PathLike | None = None, force: bool = False,
             layers: str | None = None, tta: str = "none", strict: bool = False,
-            progress: bool = True, revision: str | None = None, tokens: int | None = None) -> list[Summary]:
+            progress: bool = True, revision: str | None = None, tokens: int | None = None,
+            dataset: str | None = None, classes: str | None = None, votes: str | os.PathLike | None = None,
+            images: str = "gray48") -> list[Summary]:
     """Encode `split` (or `all`: train and test) into the cache; returns one summary per split.
 
     Under torchrun (see `fercache.distributed`) every rank runs this with the same arguments: each
@@ -90,20 +97,27 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     stops all. `batch_size` defaults per device (`default_batch_size`). `revision` (hub models;
     default `main`) is resolved to a commit; without it, a cache that already records a commit of
     this model goes on with that commit, wherever `main` is now. `tokens` K also stores the token
-    sequence entering block K+1 (float16), which stage three tunes from.
+    sequence entering block K+1 (float16), which stage three tunes from. `dataset`, `classes` and
+    `votes` say what the data is where its layout does not (`datasets.open_dataset`); `images` is
+    `gray48` (every face 48x48 gray, as FER2013's) or `native` (each image's own colour and size, the
+    model's own processor rule applied); a dataset without a split is extracted whole, as `all`.
     """
     rank, world = rank_and_world()
     with step():  # every rank reads the cache here, before any rank commits to it
         at_least_one(batch_size=batch_size, limit=limit)
         batch_size = batch_size or default_batch_size(pick_device(device))
         choice(tta, TTA, "--tta")
-        source = open_source(data)
+        if choice(images, IMAGES, "--images") == "native" and model == PIXELS:
+            raise UserError("--images native needs a neural encoder: the pixels baseline is 48x48 gray by definition")
+        source = open_dataset(data, dataset, classes, votes)
         encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False, revision=revision,
                                tokens=tokens)
         fingerprint = source.fingerprint()
         identity = dataclasses.replace(encoder.identity, views=("plain", "flip") if tta == "flip" else ("plain",),
-                                       source=fingerprint)
-        path = Path(cache) if cache else default_cache(model, identity.preprocess, identity.layers, tta, tokens)
+                                       source=fingerprint, images=NATIVE if images == "native" else GRAY48,
+                                       classes=tuple(source.classes))
+        path = Path(cache) if cache else default_cache(model, identity.preprocess, identity.layers, tta, tokens,
+                                                       source.dataset, images)
         if path.exists() and not revision and not force:
             held = read_identity(path)
             if held.model == model and held.revision and held.revision != identity.revision:
@@ -114,14 +128,18 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
         replace = False  # True: the file holds something else and --force says to start it anew
         if path.exists():
             try:
-                read_identity(path).check(identity, path, hint="use another --cache, or --force to replace it")
+                waiting = part_path(path, "any").parent
+                read_identity(path).check(identity, path, hint=(
+                    f"finished rows of this command wait in {waiting}: move or delete {path} and run it again "
+                    "to use them (--force or another --cache would encode them anew)" if waiting.is_dir() else
+                    "use another --cache, or --force to replace it"))
             except UserError:
                 if not force:
                     raise
                 replace = True
 
         summaries, todo = [], []
-        for name in (["train", "test"] if split == "all" else [split]):
+        for name in (_all_splits(source) if split == "all" else [split]):
             count = len(source.select(name)[:limit])
             selection = {"split": name, "limit": limit, "count": count}
             if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
@@ -138,8 +156,15 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             shapes = {feature_name(k, v): (encoder.dims[k],) for v in identity.views for k in (None, *identity.layers)}
             if identity.tokens is not None:
                 shapes[feature_name(tokens=True)] = encoder.token_shape()  # a forward pass: once, not per split
+            if source.entries[0].votes is not None:
+                shapes[VOTES] = (len(source.entries[0].votes),)
         meta = cache_meta(identity, encoder.dim, {"path": str(source.path), "format": source.format,
-                                                  "fingerprint": fingerprint})
+                                                  "fingerprint": fingerprint}, source.dataset, tuple(source.canonical))
+        if identity.dtype == INT8 and todo:  # measured on the data: the first batch of the first split to encode
+            first = source.select(todo[0][0])[:limit][:batch_size]
+            sample = next(_batches(source.stream(first, strict, native=images == "native"), batch_size), None)
+            if sample is not None:  # none readable: the split's own encode says so
+                meta[INT8_FIDELITY] = int8_fidelity(encoder, sample[1])
     for name, selection in todo:
         start = time.perf_counter()
         parts = [part_path(path, name, r, world) for r in range(world)]
@@ -153,12 +178,12 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             # --force starts only its own part anew (the other ranks are writing theirs), and not
             # one the same --force command made before it was interrupted
             part = PartFile(parts[rank], meta, shard_digest([e.id for e in mine]), len(mine), shapes, batch_size,
-                            forced=force)
+                            forced=force, subjects=source.entries[0].subject is not None)
             resumed = part.rows
             try:
                 with tqdm(total=len(mine), initial=part.consumed, unit="img", desc=f"extract {name}",
                           disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-                    _encode(source, mine, part, encoder, identity.views, batch_size, strict, bar)
+                    _encode(source, mine, part, encoder, identity.views, batch_size, strict, bar, images == "native")
             finally:
                 part.close()
         with step():
@@ -176,23 +201,26 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
 
 
 def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encoder, views: tuple[str, ...],
-            batch_size: int, strict: bool, bar: tqdm) -> None:
+            batch_size: int, strict: bool, bar: tqdm, native: bool = False) -> None:
     """Encode `entries` into `part` from where it stopped, keeping the device busy.
 
     Decoding runs ahead in a thread pool (`Source.stream`); on a GPU each batch goes to the device
     from pinned memory and its features come back the same way, both without waiting; a writer
     thread takes each batch once its copy is done, writes it and flushes the part on a timer. The
     loop itself waits only when the writer is `_Writer.DEPTH` batches behind. On the CPU the
-    batches, and so the arrays, are exactly those of a plain loop.
+    batches, and so the arrays, are exactly those of a plain loop. `native` batches are lists of
+    images as stored (any sizes), which the encoder's preprocessor moves to the device itself.
     """
     device = encoder.prep.device if encoder.prep else torch.device("cpu")
     cuda = device.type == "cuda"
     writer = _Writer(part)
     first, looked = part.consumed, part.consumed
     try:
-        for positions, pixels in _batches(source.stream(entries[first:], strict), batch_size):
+        for positions, pixels in _batches(source.stream(entries[first:], strict, native=native), batch_size):
             check_peers()  # another rank failed: stop now, not after this shard
-            faces = torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True) if cuda else pixels
+            faces = pixels  # (native: a list, which the preprocessor moves to the device itself)
+            if cuda and not native:
+                faces = torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True)
             try:
                 feats = encoder.tensors(faces, views)
             except torch.cuda.OutOfMemoryError:
@@ -207,9 +235,12 @@ def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encod
             else:  # the CPU's own tensors as they are; MPS's copied to the host (it has no events)
                 feats = {k: v.cpu() for k, v in feats.items()}
             rows = [entries[first + i] for i in positions]
+            if rows[0].votes is not None:
+                feats[VOTES] = torch.tensor([e.votes for e in rows], dtype=torch.float32)
             consumed = first + positions[-1] + 1
             writer.put(([e.id for e in rows], np.array([e.label for e in rows], dtype=np.int64),
-                        [e.usage for e in rows], consumed, feats, event))
+                        [e.usage for e in rows], consumed, feats, event,
+                        [e.subject for e in rows] if rows[0].subject is not None else None))
             bar.update(consumed - looked)
             looked = consumed
         bar.update(len(entries) - looked)
@@ -223,13 +254,18 @@ def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encod
     writer.close(True, len(entries))
 
 
-def _batches(chunks: Iterator[tuple[list[int], np.ndarray]], size: int) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Decoded chunks (positions, pixels) regrouped into batches of `size` images (the last one shorter)."""
+def _batches(chunks: Iterator[tuple[list[int], np.ndarray | list[np.ndarray]]],
+             size: int) -> Iterator[tuple[list[int], np.ndarray | list[np.ndarray]]]:
+    """Decoded chunks (positions, pixels) regrouped into batches of `size` images (the last one shorter);
+    native chunks are lists of images and stay lists."""
     positions: list[int] = []
-    pixels = np.empty((0, 0, 0), np.uint8)
+    pixels: np.ndarray | list[np.ndarray] = np.empty((0, 0, 0), np.uint8)
     for more, chunk in chunks:
         positions += more
-        pixels = np.concatenate([pixels, chunk]) if len(pixels) else chunk
+        if not len(pixels):
+            pixels = chunk
+        else:
+            pixels = pixels + chunk if isinstance(chunk, list) else np.concatenate([pixels, chunk])
         while len(positions) >= size:
             yield positions[:size], pixels[:size]
             positions, pixels = positions[size:], pixels[size:]
@@ -266,10 +302,10 @@ class _Writer:
             if self.error is not None:
                 continue  # failed: drain the queue, so the loop never waits on a full one
             try:
-                ids, labels, usage, consumed, feats, event = batch
+                ids, labels, usage, consumed, feats, event, subjects = batch
                 if event is not None:
                     event.synchronize()
-                self.part.append(ids, labels, usage, consumed, {k: v.numpy() for k, v in feats.items()})
+                self.part.append(ids, labels, usage, consumed, {k: v.numpy() for k, v in feats.items()}, subjects)
                 if time.monotonic() - last >= FLUSH_SECONDS:
                     self.part.flush()
                     last = time.monotonic()
@@ -285,3 +321,9 @@ class _Writer:
         if done:
             self.part.consumed = entries
         self.part.flush(done=done)
+
+
+def _all_splits(source: Source) -> list[str]:
+    """What `--split all` extracts: train and test (and a val split where the dataset has one), or the
+    whole of a dataset without a split."""
+    return ["all"] if "all" in source.splits else [s for s in ("train", "val", "test") if s in source.splits]

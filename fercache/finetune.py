@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,13 @@ class Tower:
     pooler_name: str | None  # None: the pooled feature is the normed CLS token
 
     @classmethod
-    def of(cls, model: nn.Module, where: str = "this model") -> Tower:
+    def of(cls, model: nn.Module, where: str = "this model") -> Tower | LibraryTower:
+        """The tower of a transformers model, or an OpenCLIP/timm model's as its backend sees it."""
+        from fercache.backends import tuning_of
+
+        library = tuning_of(model, where)
+        if library is not None:
+            return library
         import transformers
 
         if int(transformers.__version__.split(".")[0]) < 5:  # its towers are built otherwise (not tested)
@@ -93,7 +100,7 @@ class Tower:
         has_cls = any(hasattr(getattr(tower, "embeddings", None), a) for a in ("class_embedding", "cls_token"))
         if blocks is None or norm is None or (pooler is None and not has_cls):
             raise UserError(f"{where} ({type(tower).__name__}) is not a ViT-like tower fercache can tune "
-                            "(CLIP, SigLIP, DINOv2 and ViT are)")
+                            "(CLIP, SigLIP, DINOv2 and ViT are; so are OpenCLIP ViTs and timm ViT and EVA)")
         return cls(tower, blocks, norm, pooler)
 
     @property
@@ -113,33 +120,132 @@ class Tower:
             h = _call_block(block, h)
         return h
 
+    @property
+    def parts(self) -> dict[str, str | None]:
+        """The base model's names of what `TopModel` copies (tuned.json's `parts`)."""
+        return {"blocks": self.blocks_name, "norm": self.norm_name, "pooler": self.pooler_name}
+
+    @property
+    def width(self) -> int:
+        return _get(self.module, self.norm_name).weight.shape[0]
+
+    def head_copies(self) -> dict[str, nn.Module | None]:
+        pooler = _get(self.module, self.pooler_name) if self.pooler_name else None
+        return {"norm": copy.deepcopy(_get(self.module, self.norm_name)), "pooler": copy.deepcopy(pooler)}
+
+    def top(self, model: TopModel, h: torch.Tensor) -> torch.Tensor:
+        """`model`'s blocks, final norm and pooling on tokens `h`: its pooled feature."""
+        for block in model.blocks:
+            h = _call_block(block, h)
+        h = model.norm(h)
+        return model.pooler(h) if model.pooler is not None else h[:, 0]
+
+
+class _Stop(Exception):
+    """Ends a library's forward pass once a hook has caught the tokens wanted."""
+
+
+@dataclass
+class LibraryTower:
+    """An OpenCLIP or timm token tower, as its backend's `tuning` describes it.
+
+    The lower part is the library's own forward, stopped once the tokens entering block `first + 1`
+    are caught by the hook `extract --tokens` catches them with; the top is the blocks called as the
+    library calls them (`call`), then the library's own head code (`read`) run on a copy of the
+    tower that holds only `head_parts` (and parameter-free modules such as dropout): the stem and
+    the blocks are left out of it, and its tensors keep the base model's names.
+    """
+
+    module: nn.Module
+    blocks_name: str
+    head_parts: tuple[str, ...]  # dotted names of what reads the last block: final norm, pooling, projection
+    call: Callable[[nn.Module, int, torch.Tensor], torch.Tensor]  # (block, 0-based index, tokens) -> tokens
+    read: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (tower or its head copy, last tokens) -> pooled
+    dim: int  # the tokens' width
+
+    @property
+    def blocks(self) -> nn.Module:
+        return _get(self.module, self.blocks_name)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def parts(self) -> dict[str, str]:
+        return {"blocks": self.blocks_name, "head": ""}  # the head copy's names are the base model's
+
+    @property
+    def width(self) -> int:
+        """The pooled feature's size: the head read on one blank token sequence."""
+        p = next(self.module.parameters())
+        with torch.no_grad():
+            return int(self.read(self.module, torch.zeros(1, 8, self.dim, dtype=p.dtype, device=p.device)).shape[-1])
+
+    def lower(self, pixels: torch.Tensor, first: int) -> torch.Tensor:
+        caught = []
+
+        def stop(h: torch.Tensor) -> None:
+            caught.append(h)
+            raise _Stop
+
+        hook = (self.blocks[0].register_forward_pre_hook(lambda _m, args: stop(args[0])) if first == 0 else
+                self.blocks[first - 1].register_forward_hook(lambda _m, _i, out: stop(out)))
+        try:
+            self.module(pixels)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return caught[0]
+
+    def head_copies(self) -> dict[str, nn.Module]:
+        keep, memo = set(self.head_parts), {}
+
+        def leave_out(module: nn.Module, prefix: str) -> None:  # memo[id(x)] = None: deepcopy gives None for x
+            for name, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is not None and prefix + name not in keep:
+                    memo[id(t)] = None
+            for name, child in module._modules.items():
+                path = prefix + name
+                if child is None or path in keep:
+                    continue
+                if any(k.startswith(path + ".") for k in keep):
+                    leave_out(child, path + ".")
+                elif any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+                    memo[id(child)] = None
+
+        leave_out(self.module, "")
+        return {"head": copy.deepcopy(self.module, memo)}
+
+    def top(self, model: TopModel, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(model.blocks):
+            h = self.call(block, model.first + i, h)
+        return self.read(model.head, h)
+
 
 class TopModel(nn.Module):
     """Blocks `first+1..L`, the final norm, the pooling and a linear head: tokens in, logits out.
 
     Initialised as copies of the tower's own modules, so before training its pooled feature is the
-    base model's `pooler_output`.
+    base model's (`pooler_output`; OpenCLIP's `encode_image`, timm's pre-logits).
     """
 
-    def __init__(self, tower: Tower, first: int, classes: int = len(CLASSES), seed: int = 0):
+    def __init__(self, tower: Tower | LibraryTower, first: int, classes: int = len(CLASSES), seed: int = 0):
         super().__init__()
-        self.names = {"blocks": tower.blocks_name, "norm": tower.norm_name, "pooler": tower.pooler_name}
+        self.tower = tower  # how its blocks are called and its head reads them (not a submodule: not copied)
+        self.names = tower.parts
         self.first = first
-        self.blocks = copy.deepcopy(tower.blocks[first:])
-        self.norm = copy.deepcopy(_get(tower.module, tower.norm_name))
-        self.pooler = copy.deepcopy(_get(tower.module, tower.pooler_name)) if tower.pooler_name else None
-        dim = self.norm.weight.shape[0]
+        self.blocks = copy.deepcopy(nn.ModuleList(list(tower.blocks)[first:]))  # numbered from 0, whatever the list
+        for part, module in tower.head_copies().items():
+            setattr(self, part, module)
         with torch.random.fork_rng(devices=[]):  # a seeded head, without touching the caller's RNG
             torch.manual_seed(seed)
-            self.classifier = nn.Linear(dim, classes)
+            self.classifier = nn.Linear(tower.width, classes)
         self.float().requires_grad_(True)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = tokens
-        for block in self.blocks:
-            h = _call_block(block, h)
-        h = self.norm(h)
-        return self.pooler(h) if self.pooler is not None else h[:, 0]
+        return self.tower.top(self, tokens)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooled(tokens))
@@ -150,7 +256,7 @@ class TopModel(nn.Module):
         if part == "blocks":
             index, _, rest = rest.partition(".")
             return f"{self.names['blocks']}.{self.first + int(index)}.{rest}"
-        return f"{self.names[part]}.{rest}" if part in ("norm", "pooler") else name
+        return ".".join(filter(None, (self.names[part], rest))) if part in self.names else name
 
     def tuned_state(self) -> dict[str, torch.Tensor]:
         """The tuned tensors under the names the base model gives them."""
@@ -174,8 +280,8 @@ class TopModel(nn.Module):
         weight decay on matrices only (not on biases and norms)."""
         n = len(self.blocks)
         groups = []
-        for depth, module in [(0, m) for m in (self.classifier, self.norm, self.pooler) if m is not None] + \
-                [(n - i, b) for i, b in enumerate(self.blocks)]:
+        heads = [self.classifier] + [getattr(self, part) for part in self.names if part != "blocks"]
+        for depth, module in [(0, m) for m in heads if m is not None] + [(n - i, b) for i, b in enumerate(self.blocks)]:
             params = list(module.parameters())
             for decay, chosen in ((weight_decay, [p for p in params if p.ndim >= 2]),
                                   (0.0, [p for p in params if p.ndim < 2])):
@@ -217,6 +323,8 @@ class Split:
     ids: list[str]
     usage: list[str]
     computed_in: str = "float32"  # the dtype the encoder computed tokens in (a cache's `dtype`); faces: float32
+    classes: tuple[str, ...] = CLASSES  # the dataset's classes, in label order
+    targets: np.ndarray | None = None  # N x classes soft targets (FER+'s vote shares), else the labels
 
 
 @dataclass(frozen=True)
@@ -376,7 +484,8 @@ def start_from_probe(model: TopModel, feed: Feed, parts: dict[str, tuple[Split, 
     (split, fit_rows), (val_split, val_rows), (test_split, test_rows) = parts["fit"], parts["val"], parts["test"]
     X, X_val = pooled_rows(model, feed, split, fit_rows), pooled_rows(model, feed, val_split, val_rows)
     head, search = fit_logreg(X.cpu().numpy(), split.y[fit_rows], seed=seed,
-                              val=(X_val.cpu().numpy(), val_split.y[val_rows]), device=str(X.device))
+                              val=(X_val.cpu().numpy(), val_split.y[val_rows]), device=str(X.device),
+                              classes=len(split.classes))
     model.start_from(head)
     train_loss, train_acc = _scores(model.classifier(X), split.y[fit_rows])
     val_loss, val_acc = _scores(model.classifier(X_val), val_split.y[val_rows])
@@ -412,7 +521,7 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
     first = tower.depth - settings.blocks
     parts = choose_parts(train, test, settings.val, settings.seed)
     feed = Feed(encoder, tower, first, settings, dev)
-    model = TopModel(tower, first, len(CLASSES), settings.seed).to(dev)
+    model = TopModel(tower, first, len(train.classes), settings.seed).to(dev)
     opt = torch.optim.AdamW(model.param_groups(settings.lr, settings.weight_decay, settings.layer_decay),
                             lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -423,13 +532,15 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
     identity = encoder.identity.encoder().to_meta()
     state = {"format": "fercache-finetune-checkpoint", "settings": asdict(settings), "encoder": identity,
              "data": _data_key(parts), "tokens_dtype": train.computed_in, "epoch": 0, "history": [],
-             "epoch_seconds": [], "best_epoch": 0, "best_score": None, "stale": 0, "probe": {}}
+             "epoch_seconds": [], "best_epoch": 0, "best_score": None, "stale": 0, "probe": {},
+             "classes": list(train.classes), "soft_targets": train.targets is not None}
     if restart:
         ckpt.unlink(missing_ok=True)
     resumed_from = 0
     if ckpt.exists():
         tensors, saved = load_checkpoint(ckpt)
         differ = [k for k in ("settings", "encoder", "data", "tokens_dtype") if saved.get(k) != state[k]]
+        differ += [k for k in ("classes", "soft_targets") if saved.get(k, state[k]) != state[k]]  # (0.3.0's keys)
         if differ:
             raise UserError(f"{ckpt} is a checkpoint of another run ({', '.join(differ)} differ); "
                             "use another --out, or --restart to discard it")
@@ -475,7 +586,8 @@ def tune(encoder: Encoder, train: Split, test: Split, settings: Settings, out: s
                 x, y = feed(split, rows, gen), y_all[rows].to(dev)
                 with _autocast(dev, settings.dtype):
                     logits = model(x).float()
-                loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+                target = y if split.targets is None else torch.from_numpy(split.targets[rows]).to(dev, torch.float32)
+                loss = F.cross_entropy(logits, target, label_smoothing=settings.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -510,7 +622,7 @@ def save_tuned(out: Path, model: TopModel, encoder: Encoder, settings: Settings,
     from safetensors.torch import save_file
 
     tower_depth = model.first + len(model.blocks)
-    config = {"format": "fercache-tuned", "classes": list(CLASSES),
+    config = {"format": "fercache-tuned", "classes": state.get("classes", list(CLASSES)),
               "encoder": encoder.identity.encoder().to_meta(),
               "first_block": model.first, "blocks": list(range(model.first + 1, tower_depth + 1)),
               "depth": tower_depth, "parts": model.names, "best_epoch": state["best_epoch"],
@@ -585,7 +697,8 @@ def load_tuned(folder: str | os.PathLike, device: str = "auto") -> Tuned:
     top.load_tuned_state(tensors)  # float32, as tuned
     # the base model gets them too (the tuned part only: the rest is the base model's), in its own dtype
     tower.module.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("classifier.")}, strict=False)
-    return Tuned(encoder, top.to(encoder.model.device).eval().requires_grad_(False), config)
+    device = next(encoder.model.parameters()).device  # OpenCLIP and timm models have no `.device`
+    return Tuned(encoder, top.to(device).eval().requires_grad_(False), config)
 
 
 def tokens_of(encoder: Encoder, pixels: np.ndarray, first: int, batch_size: int = 64) -> np.ndarray:
@@ -625,23 +738,29 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
              batch_size: int = 64, weight_decay: float = 0.05, label_smoothing: float = 0.0,
              layer_decay: float = 0.75, warmup: float = 0.1, patience: int = 3, val: str = "train", seed: int = 0,
              device: str = "auto", dtype: str = "auto", augment: bool = True, out: str | os.PathLike | None = None,
-             restart: bool = False, plots: bool = True, progress: bool = True) -> FinetuneResult:
+             restart: bool = False, plots: bool = True, progress: bool = True,
+             exclude_duplicates: bool = False, labels: str | None = None) -> FinetuneResult:
     """Tune the top `blocks` blocks from a cache's tokens (`extract --tokens K`), or `from_images`
     of a FER2013 source; report on test and write the run folder (like `fit`'s, plus the tuned weights).
 
     `blocks` (a number or `all`) defaults to every block above a cache's tokens, or 2 from images.
+    `exclude_duplicates` drops the train faces that copy a test face, as `fit` does. From a cache,
+    the head has a row per class of its dataset; `labels` (FER+ caches) as `fit --labels`:
+    `ferplus-votes` trains on the vote shares as soft targets, accuracy is against the majority.
     """
     from fercache.data import open_source
     from fercache.encoder import pick_dtype
-    from fercache.fit import resolve_cache, score_predictions, test_figures, write_run
     from fercache.names import DEFAULT_MODEL, default_cache, default_run
-    from fercache.stats import calibration
+    from fercache.runs import duplicate_counts, resolve_cache, train_copies, with_copy, write_run
+    from fercache.stats import calibration, score_predictions, test_figures, unseen_figures
 
     choice(val, VALS, "--val")
     dev = pick_device(device)
     train_dtype = str(pick_dtype(dtype, dev)).removeprefix("torch.")
     train_dtype = train_dtype if train_dtype in TRAIN_DTYPES or dtype != "auto" else "float32"
     if from_images:
+        if labels is not None:
+            raise UserError(f"--labels {labels}: FER+ labels come from a FER+ cache (extract --dataset ferplus --tokens K)")
         source = open_source(data)
         encoder = load_encoder(model or DEFAULT_MODEL, preprocess, device, "float32", revision=revision)
         images = [source.load(name, limit=limit) for name in ("train", "test")]
@@ -650,10 +769,15 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         source_path = str(source.path)
         stem = default_cache(encoder.identity.model, encoder.identity.preprocess)
     else:
-        from fercache.cache import load_tokens, read_identity, usage_of
+        from fercache.cache import load_tokens, load_votes, read_identity, read_meta, usage_of
+
+        from fercache.datasets import check_labels, ferplus_targets
+        from fercache.identity import dataset_of
 
         path = resolve_cache(cache)
         held = read_identity(path)
+        dataset, classes = dataset_of(read_meta(path))[:2]
+        labels = check_labels(labels, dataset)
         given = [f"--{k}" for k, v in (("data", data), ("limit", limit), ("revision", revision)) if v is not None]
         if given:
             raise UserError(f"{' and '.join(given)}: for --from-images; a cache fixes its data and model ({path})")
@@ -675,11 +799,18 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         splits = []
         for name in ("train", "test"):
             t = load_tokens(path, name)
-            splits.append(Split(t.X, t.y, t.ids, usage_of(path, name), held.dtype))
+            soft = ferplus_targets(load_votes(path, name)) if labels == "ferplus-votes" and name == "train" else None
+            splits.append(Split(t.X, t.y, t.ids, usage_of(path, name), held.dtype, tuple(classes), soft))
         train, test = splits
         where = {"cache": {"path": str(path), "meta": held.to_meta()}}
         source_path = t.meta.get("source", {}).get("path")
         stem = path
+    copies = train_copies(source_path, exclude_duplicates, None if from_images else path)
+    copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
+    if exclude_duplicates:
+        keep = np.flatnonzero(~copied)
+        train = Split(train.x[keep], train.y[keep], [train.ids[i] for i in keep], [train.usage[i] for i in keep],
+                      train.computed_in, train.classes, None if train.targets is None else train.targets[keep])
     settings = Settings(blocks=n, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         label_smoothing=label_smoothing, layer_decay=layer_decay, warmup=warmup, patience=patience,
                         val=val, seed=seed, dtype=train_dtype, from_images=from_images, augment=augment)
@@ -695,20 +826,22 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     proba = torch.softmax(z, 1).numpy()
     loss, _ = _scores(z, y)
     test_split = "test" if val == "train" else "private_test"
-    report = score_predictions(y, proba.argmax(1), loss, list(CLASSES), test_split, usage)
+    report = score_predictions(y, proba.argmax(1), loss, list(train.classes), test_split, usage)
     identity = encoder.identity
     metrics = {
         "method": method, "model": identity.model, "preprocess": identity.preprocess, "layer": None,
         "views": "plain", "val": val, "test_split": test_split, "fit_seconds": round(seconds, 3),
         **test_figures(report), "calibration": calibration(y, proba),
         "train_count": len(train.y) - (result.val_count if val == "train" else 0), "val_count": result.val_count,
-        "test_count": len(y), "history": result.history, "blocks": list(range(depth - n + 1, depth + 1)),
+        "test_count": len(y), **unseen_figures(y, proba.argmax(1), None if seen is None else seen[rows]),
+        **duplicate_counts(copied, exclude_duplicates), "history": result.history,
+        "blocks": list(range(depth - n + 1, depth + 1)),
         "from_images": from_images, "best_epoch": result.best_epoch, "epoch_seconds": result.epoch_seconds,
         "resumed_from_epoch": result.resumed_from, "probe": result.probe, "tokens_dtype": train.computed_in,
-        "settings": asdict(settings), **where,
+        "settings": asdict(settings), **where, **({"labels": labels} if labels else {}),
     }
     title = f"{identity.model} · {method}"
-    write_run(folder, metrics, list(CLASSES), title,
+    write_run(folder, metrics, list(train.classes), title,
               (result.history, "epoch", f"{title}: chosen at epoch {result.best_epoch} on validation")
               if plots else None,
               {"id": [test.ids[i] for i in rows], "usage": usage, "label": y, "proba": proba}, source_path)
@@ -716,10 +849,13 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
 
 
 def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, split: str = "test",
-                   out: str | os.PathLike | None = None, device: str = "auto", plots: bool = True) -> dict:
-    """Score a tuned run on one split of a cache that stores the tokens it was tuned from."""
+                   out: str | os.PathLike | None = None, device: str = "auto", plots: bool = True,
+                   exclude_duplicates: bool = False) -> dict:
+    """Score a tuned run on one split of a cache that stores the tokens it was tuned from (with
+    `exclude_duplicates`, only the faces without a copy across train and test, as `fit.evaluate`)."""
     from fercache.cache import load_tokens, read_identity, usage_of
-    from fercache.fit import resolve_cache, score_predictions, write_evaluation
+    from fercache.runs import resolve_cache, scored_rows, train_copies, write_evaluation
+    from fercache.stats import score_predictions, unseen_figures
 
     path = resolve_cache(cache)
     held = read_identity(path)
@@ -735,9 +871,13 @@ def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, spli
         raise UserError(f"{path} holds tokens computed in {held.dtype}; {run} was tuned on tokens computed in "
                         f"{wanted} (extract --dtype {wanted})")
     t = load_tokens(path, split)
-    logits = tuned.logits_from_tokens(t.X)
-    loss, _ = _scores(torch.from_numpy(logits), t.y)
-    report = {**score_predictions(t.y, logits.argmax(1), loss, tuned.config["classes"], split, usage_of(path, split)),
-              "head": str(run), "cache": str(path)}
+    rows, seen = scored_rows(train_copies(t.meta.get("source", {}).get("path"), exclude_duplicates, path), t.ids,
+                             split, exclude_duplicates)
+    usage, y = usage_of(path, split), t.y[rows]
+    logits = tuned.logits_from_tokens(t.X[rows] if exclude_duplicates else t.X)  # (no copy of every token)
+    loss, _ = _scores(torch.from_numpy(logits), y)
+    report = {**score_predictions(y, logits.argmax(1), loss, tuned.config["classes"], split, [usage[i] for i in rows]),
+              **unseen_figures(y, logits.argmax(1), seen), "exclude_duplicates": exclude_duplicates,
+              "excluded": len(usage) - len(rows), "head": str(run), "cache": str(path)}
     title = f"{tuned.identity.model} · tuned top {len(tuned.config['blocks'])} on {split}"
     return write_evaluation(report, Path(out) if out is not None else Path(run), tuned.config["classes"], title, plots)

@@ -5,14 +5,11 @@ reports on test (overall, and on its public and private halves) into a run folde
 scores a saved head on any split of a cache made by the same encoder. (`predict` applies a head to
 new images; `pipeline.run` is the whole job, extraction included.)
 
-A run folder holds `metrics.json`, `history.csv`, `predictions.csv`, `report.html`,
-`confusion.png`, `curves.png`, `reliability.png` and the head (`head.safetensors` + `head.json`).
+The run folder is written by `runs`, every figure in it computed by `stats`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,18 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.cache import Embeddings, load_embeddings, read_identity, usage_of
+from fercache.accelerate import check_int8
+from fercache.cache import (Embeddings, load_embeddings, load_subjects, load_votes, read_identity, read_meta,
+                            split_state, usage_of)
+from fercache.crossdata import class_map, restricted_scores
 from fercache.errors import UserError, at_least_one
 from fercache.heads import Head, fit_linear
-from fercache.html import write_report
-from fercache.identity import ENCODER, Identity
+from fercache.identity import ENCODER, Identity, dataset_of
 from fercache.logreg import fit_logreg
-from fercache.names import (CLASS_WEIGHTS, CLASSES, METHODS, TUNED_CONFIG, VALS, VIEWS, choice, default_cache,
-                            default_run)
-from fercache.report import classification_metrics, plot_confusion, plot_curves, plot_reliability
-from fercache.stats import calibration, few_shot, intervals, mean_std
-
-PREDICTIONS = "predictions.csv"
+from fercache.datasets import check_labels, ferplus_targets
+from fercache.names import CLASS_WEIGHTS, METHODS, VALS, VIEWS, choice, default_run
+# runs' and stats' names that lived here before 0.3.0 stay importable from fercache.fit:
+from fercache.runs import (PREDICTIONS, duplicate_counts, is_tuned, read_predictions, resolve_cache,  # noqa: F401
+                           scored_rows, train_copies, with_copy, write_evaluation, write_predictions, write_run)
+from fercache.stats import (calibration, classification_metrics, few_shot, mean_std, score_predictions, test_figures,
+                            unseen_figures)
 
 
 @dataclass
@@ -43,51 +43,18 @@ class FitResult:
     metrics: dict
 
 
-def resolve_cache(cache: str | os.PathLike | None) -> Path:
-    """The cache to read: as given, else the default model's default cache (what `extract` writes)."""
-    return Path(cache) if cache is not None else default_cache()
-
-
 def score(head: Head, emb: Embeddings, usage: list[str] | None = None) -> dict:
     """Loss, accuracy, macro-F1, per-class figures and confusion of a head on one split."""
     return score_predictions(emb.y, head.predict(emb.X), head.score(emb.X, emb.y)[0], head.classes,
                              emb.meta["split"], usage)
 
 
-def score_predictions(y: np.ndarray, pred: np.ndarray, loss: float, classes: list[str], split: str,
-                      usage: list[str] | None = None) -> dict:
-    """The report of any model's predictions on one split (a head's, or a tuned model's).
-
-    Every figure comes with its 95% bootstrap interval (`<figure>_low`, `<figure>_high`, see
-    `stats.intervals`), always drawn with the same bootstrap seed, whatever the fit's, so that
-    `evaluate` reproduces `fit`'s intervals exactly. With the rows' usage (`usage_of`) and more than one usage among them, also
-    the figures of each part: `public_test_accuracy` (and `_macro_f1`, intervals) for the test split.
-    """
-    out = {"split": split, "count": len(y), "loss": loss, **classification_metrics(y, pred, classes),
-           **_bounds(intervals(y, pred))}
-    if usage is not None and len(set(usage)) > 1:
-        usage_arr = np.array(usage)
-        for part in sorted(set(usage)):
-            mask = usage_arr == part
-            figures = intervals(y[mask], pred[mask])
-            out.update({f"{part}_{k}": figures[k] for k in _INTERVAL_KEYS})
-    return out
-
-
-_INTERVAL_KEYS = tuple(f"{name}{end}" for name in ("accuracy", "macro_f1", "balanced_accuracy")
-                       for end in ("", "_low", "_high"))
-
-
-def _bounds(figures: dict) -> dict:
-    """The interval ends of `stats.intervals` (the point figures are classification_metrics')."""
-    return {k: figures[k] for k in _INTERVAL_KEYS if k.endswith(("_low", "_high"))}
-
-
 def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: int = 20, lr: float = 1e-3,
         batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0, standardize: bool = True,
         layer: int | None = None, views: str = "plain", out: str | os.PathLike | None = None,
         plots: bool = True, val: str = "train", class_weight: str = "none", shots: int | None = None,
-        repeats: int = 1) -> FitResult:
+        repeats: int = 1, exclude_duplicates: bool = False, folds: int | str | None = None,
+        labels: str | None = None) -> FitResult:
     """Fit a head on the cache's train split, report on test, write the run folder.
 
     `val` is what chooses logreg's C: `train` (a stratified part of train; test is both halves)
@@ -95,6 +62,12 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     Nothing is ever chosen on the rows reported. `shots` fits on that many training faces per
     class, `repeats` times with different draws (`stats.few_shot`); the run folder keeps the first
     draw's head and figures, and `metrics["few_shot"]` the mean and standard deviation of all.
+    `exclude_duplicates` drops the train faces that copy a test face (exact or near, `audit`);
+    either way `test_unseen_accuracy` is the accuracy on the test faces with no copy in train.
+    The head has a row per class of the cache's dataset. `folds` (K or `subjects`) cross-validates
+    a dataset without a split instead (`fit_folds`). `labels` (FER+ caches): `ferplus-majority`
+    (the default) or `ferplus-votes`, the vote shares as the linear head's soft targets; accuracy
+    is against the majority either way.
     """
     choice(method, METHODS, "method")
     choice(views, VIEWS, "views")
@@ -102,33 +75,40 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     choice(class_weight, CLASS_WEIGHTS, "--class-weight")
     at_least_one(shots=shots, repeats=repeats)
     path = resolve_cache(cache)
+    dataset, classes, canonical = dataset_of(read_meta(path))
+    labels = check_labels(labels, dataset, soft=method == "linear")
     settings = {"method": method, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
                 "seed": seed, "standardize": standardize, "layer": layer, "views": views, "val": val,
-                "class_weight": class_weight, "shots": shots, "repeats": repeats if shots else None}
+                "class_weight": class_weight, "shots": shots, "repeats": repeats if shots else None,
+                "exclude_duplicates": exclude_duplicates, "labels": labels}
+    if folds is not None:
+        if val != "train" or shots or exclude_duplicates:
+            raise UserError("--folds chooses inside each fold's training part: it takes no --val public_test, "
+                            "--shots or --exclude-duplicates")
+        return fit_folds(path, folds, settings, out, plots)
+    if split_state(path, "train")[1] is None and split_state(path, "all")[1] is not None:
+        raise UserError(f"{path}: {dataset} has no train/test split; cross-validate with --folds K or "
+                        "--folds subjects (subject-independent)")
     test_split = "test" if val == "train" else "private_test"
     train = load_embeddings(path, "train", layer=layer, view=views)
     test = load_embeddings(path, test_split, layer=layer, view=views)
     held = load_embeddings(path, "public_test", layer=layer, view=views) if val == "public_test" else None
-    draws = few_shot(train.y, shots, repeats, seed) if shots else [np.arange(len(train.y))]
+    copies = train_copies(train.meta.get("source", {}).get("path"), exclude_duplicates, path)
+    copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
+    pool = np.flatnonzero(~copied) if exclude_duplicates else np.arange(len(train.y))
+    draws = [pool[d] for d in few_shot(train.y[pool], shots, repeats, seed)] if shots else [pool]
+    targets = soft_targets(path, "train", labels)
     start = time.perf_counter()
     fits = []
     for rows in draws:
         X, y = train.X[rows], train.y[rows]
-        if method == "linear":
-            head, history = fit_linear(X, y, test.X, test.y, epochs=epochs, lr=lr, batch_size=batch_size,
-                                       weight_decay=weight_decay, seed=seed, standardize=standardize,
-                                       class_weight=class_weight)
-            search = None
-        else:
-            head, search = fit_logreg(X, y, seed=seed, standardize=standardize, class_weight=class_weight,
-                                      val=None if held is None else (held.X, held.y))
-            # One row, the final model: lbfgs has no epochs.
-            history = [{"epoch": 1, **dict(zip(("train_loss", "train_acc"), head.score(X, y))),
-                        **dict(zip(("test_loss", "test_acc"), head.score(test.X, test.y)))}]
+        head, history, search = fit_head(X, y, (test.X, test.y), None if held is None else (held.X, held.y),
+                                         settings, len(classes), None if targets is None else targets[rows])
         fits.append((head, history, search, len(rows)))
     seconds = time.perf_counter() - start
     head, history, search, train_count = fits[0]
     head.classes, head.layer, head.views = train.classes, layer, views
+    head.canonical, head.dataset = canonical, dataset
     head.identity = Identity.from_meta(train.meta).encoder()
 
     proba = head.predict_proba(test.X)
@@ -138,9 +118,11 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     meta = {k: v for k, v in train.meta.items() if k != "split"}
     metrics = {
         "method": method, "model": meta.get("model"), "preprocess": meta.get("preprocess"), "layer": layer,
-        "views": views, "val": val, "class_weight": class_weight, "test_split": test_split,
+        "views": views, "val": val, "class_weight": class_weight, "test_split": test_split, "dataset": dataset,
+        "labels": labels,
         "fit_seconds": round(seconds, 3), **test_figures(report), "calibration": calibration(test.y, proba),
         "train_count": train_count, "val_count": search["val_count"] if search else None, "test_count": len(test.y),
+        **unseen_figures(test.y, proba.argmax(1), seen), **duplicate_counts(copied, exclude_duplicates),
         "history": history, **({"logreg": search} if search else {}), "settings": settings,
         "cache": {"path": str(path), "meta": meta},
     }
@@ -165,65 +147,82 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     return FitResult(folder, head, metrics)
 
 
-def test_figures(report: dict) -> dict:
-    """`metrics.json`'s test keys from a `score_predictions` report: `test_accuracy` (and its
-    interval), `macro_f1`, `balanced_accuracy`, each half's figures, loss, per class, confusion."""
-    renamed = {f"test_{k}" if k.startswith("accuracy") else k: report[k] for k in _INTERVAL_KEYS}
-    halves = {k: v for k, v in report.items() if k.startswith(("public_test_", "private_test_"))}
-    if report["split"] in ("public_test", "private_test"):  # one half was the test set (--val public_test)
-        halves.update({f"{report['split']}_{k}": report[k] for k in _INTERVAL_KEYS})
-    return {**renamed, "public_test_accuracy": None, "private_test_accuracy": None, **halves,
-            "test_loss": report["loss"], "per_class": report["per_class"], "confusion": report["confusion"]}
+def fit_head(X: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None,
+             held: tuple[np.ndarray, np.ndarray] | None, settings: dict, classes: int,
+             targets: np.ndarray | None = None) -> tuple[Head, list[dict], dict | None]:
+    """One head by `settings["method"]` on rows `X, y` (`targets`: soft ones, linear only): the head, its
+    history (per epoch; logreg: one row) and logreg's C search (chosen on `held`, else a part of `X`)."""
+    s = settings
+    if s["method"] == "linear":
+        head, history = fit_linear(X, y, *(test or (None, None)), epochs=s["epochs"], lr=s["lr"],
+                                   batch_size=s["batch_size"], weight_decay=s["weight_decay"], seed=s["seed"],
+                                   standardize=s["standardize"], class_weight=s["class_weight"], classes=classes,
+                                   targets=targets)
+        return head, history, None
+    head, search = fit_logreg(X, y, seed=s["seed"], standardize=s["standardize"], class_weight=s["class_weight"],
+                              val=held, classes=classes)
+    # One row, the final model: lbfgs has no epochs.
+    history = [{"epoch": 1, **dict(zip(("train_loss", "train_acc"), head.score(X, y))),
+                **(dict(zip(("test_loss", "test_acc"), head.score(*test))) if test is not None else {})}]
+    return head, history, search
 
 
-def write_run(folder: Path, metrics: dict, classes: list[str], title: str,
-              curves: tuple[list[dict], str, str] | None, predictions: dict | None = None,
-              source: str | None = None) -> None:
-    """A run folder's reports (a head's or a tuned model's): `metrics.json`, `history.csv`,
-    `report.html` and, unless `curves` is None, `confusion.png` and `curves.png` (the rows, their
-    x key, a title). With the test `predictions` (`{"id", "usage", "label", "proba"}`), also
-    `predictions.csv` (what `compare` pairs runs by) and `reliability.png`; `source` is the
-    FER2013 file whose faces the report shows."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(folder / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(metrics["history"][0]))
-        writer.writeheader()
-        writer.writerows(metrics["history"])
-    if predictions is not None:
-        write_predictions(folder / PREDICTIONS, predictions, classes)
-    if curves is not None:
-        plot_confusion(metrics["confusion"], classes, folder / "confusion.png",
-                       f"{title}: test accuracy {metrics['test_accuracy']:.4f}")
-        rows, x, curve_title = curves
-        plot_curves(rows, folder / "curves.png", x=x, title=curve_title)
-        if metrics.get("calibration"):
-            plot_reliability(metrics["calibration"], folder / "reliability.png", title)
-    write_report(folder, metrics, predictions, source)
+def fit_folds(path: Path, folds: int | str, settings: dict, out: str | os.PathLike | None = None,
+              plots: bool = True) -> FitResult:
+    """Subject-independent cross-validation of a dataset without a split (`folds.cross_validate`).
+
+    Each fold's head is fitted on the fold's training part alone (logreg's C chosen on a part of
+    it); `metrics.json` has the pooled test figures (every face predicted once, by the fold that
+    held it out), `folds` the per-fold figures and their mean and sd; `predictions.csv` a `fold`
+    column. The head saved is fitted on every face, with the same settings, for use elsewhere.
+    """
+    from fercache.folds import cross_validate
+
+    s = settings
+    emb = load_embeddings(path, "all", layer=s["layer"], view=s["views"])
+    dataset, classes, canonical = dataset_of(emb.meta)
+    targets = soft_targets(path, "all", s["labels"])
+    start = time.perf_counter()
+
+    def one_fold(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        head, _, _ = fit_head(emb.X[train], emb.y[train], (emb.X[test], emb.y[test]), None, s, len(classes),
+                              None if targets is None else targets[train])
+        return head.predict_proba(emb.X[test])
+
+    proba, fold_of, summary = cross_validate(emb.y, load_subjects(path, "all"), folds, classes, one_fold, s["seed"])
+    seconds = time.perf_counter() - start
+    head, history, search = fit_head(emb.X, emb.y, None, None, s, len(classes), targets)
+    head.classes, head.canonical, head.dataset = classes, canonical, dataset
+    head.layer, head.views = s["layer"], s["views"]
+    head.identity = Identity.from_meta(emb.meta).encoder()
+    pred = proba.argmax(1)
+    loss = float(-np.log(np.maximum(proba[np.arange(len(emb.y)), emb.y], 1e-12)).mean())
+    report = score_predictions(emb.y, pred, loss, classes, "all")
+    meta = {k: v for k, v in emb.meta.items() if k != "split"}
+    metrics = {
+        "method": s["method"], "model": meta.get("model"), "preprocess": meta.get("preprocess"), "layer": s["layer"],
+        "views": s["views"], "val": "train", "class_weight": s["class_weight"], "test_split": "all",
+        "dataset": dataset, "labels": s["labels"], "fit_seconds": round(seconds, 3), **test_figures(report),
+        "calibration": calibration(emb.y, proba), "train_count": len(emb.y), "val_count": None,
+        "test_count": len(emb.y), "folds": summary, "history": history, **({"logreg": search} if search else {}),
+        "settings": {**s, "folds": folds}, "cache": {"path": str(path), "meta": meta},
+    }
+    folder = Path(out) if out is not None else default_run(path, s["method"], s["layer"], s["views"])
+    head.save(folder)
+    title = f"{meta.get('model')} · {s['method']} · {summary['count']} folds"
+    curves = (history, "epoch", title) if search is None else (search["validation"], "C", f"{title}: the final head's C")
+    curves = curves if plots else None
+    write_run(folder, metrics, classes, title, curves,
+              {"id": emb.ids, "usage": usage_of(path, "all"), "label": emb.y, "proba": proba, "fold": fold_of},
+              meta.get("source", {}).get("path"))
+    return FitResult(folder, head, metrics)
 
 
-def write_predictions(path: Path, predictions: dict, classes: list[str]) -> None:
-    """One row per test face: id, usage, true label, predicted label, then each class's probability."""
-    proba = np.asarray(predictions["proba"])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "usage", "label", "predicted", *(f"p_{c}" for c in classes)])
-        for i, (id_, usage, label) in enumerate(zip(predictions["id"], predictions["usage"], predictions["label"])):
-            writer.writerow([id_, usage, classes[label], classes[int(proba[i].argmax())],
-                             *(f"{p:.6f}" for p in proba[i])])
-
-
-def read_predictions(path: Path) -> dict:
-    """`write_predictions`' file back: `{"id", "usage", "label", "predicted"}` (labels as class numbers)."""
-    index = {c: i for i, c in enumerate(CLASSES)}
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return {"id": [r["id"] for r in rows], "usage": [r["usage"] for r in rows],
-                "label": np.array([index[r["label"]] for r in rows], dtype=np.int64),
-                "predicted": np.array([index[r["predicted"]] for r in rows], dtype=np.int64)}
-    except (OSError, KeyError, ValueError, csv.Error) as exc:
-        raise UserError(f"{path}: unreadable predictions ({type(exc).__name__}: {exc})") from None
+def soft_targets(path: Path, split: str, labels: str | None) -> np.ndarray | None:
+    """FER+'s vote shares over its 8 emotions per row of a cache's `split` (`--labels ferplus-votes`), else None."""
+    if labels != "ferplus-votes":
+        return None
+    return ferplus_targets(load_votes(path, split))
 
 
 def check_head(head: Head, identity: Identity, where: object) -> None:
@@ -233,34 +232,60 @@ def check_head(head: Head, identity: Identity, where: object) -> None:
 
 
 def evaluate(cache: str | os.PathLike | None, head_dir: str | os.PathLike, split: str = "test",
-             out: str | os.PathLike | None = None, plots: bool = True) -> dict:
+             out: str | os.PathLike | None = None, plots: bool = True, exclude_duplicates: bool = False) -> dict:
     """Score a saved head on one split of a cache; writes `evaluate-<split>.json` (and its confusion plot).
 
     A `finetune` run folder is scored too, from the tokens its cache stores (`finetune.evaluate_tuned`).
+    On a test split, `test_unseen_accuracy` is the accuracy on its faces with no copy in train;
+    `exclude_duplicates` scores only the faces without a copy across train and test.
     """
-    if (Path(head_dir) / TUNED_CONFIG).is_file():
+    if is_tuned(head_dir):
         from fercache.finetune import evaluate_tuned
 
-        return evaluate_tuned(cache, head_dir, split, out, plots=plots)
+        return evaluate_tuned(cache, head_dir, split, out, plots=plots, exclude_duplicates=exclude_duplicates)
     path = resolve_cache(cache)
     head = Head.load(head_dir)
     check_head(head, read_identity(path), path)
+    check_int8(read_meta(path), head.identity.dtype if head.identity else None, path)
     emb = load_embeddings(path, split, layer=head.layer, view=head.views)
     if emb.X.shape[1] != head.dim:
         raise UserError(f"{path} holds {emb.X.shape[1]}-d features, but the head {head_dir} is {head.dim}-d")
-    report = {**score(head, emb, usage_of(path, split)), "calibration": calibration(emb.y, head.predict_proba(emb.X)),
-              "head": str(head_dir), "cache": str(path)}
+    dataset, classes, canonical = dataset_of(emb.meta)
+    if (classes, canonical) != (head.classes, head.canonical):  # another dataset's classes
+        return evaluate_across(head, Path(head_dir), emb, path, split, out, plots)
+    copies = train_copies(emb.meta.get("source", {}).get("path"), exclude_duplicates, path)
+    rows, seen = scored_rows(copies, emb.ids, split, exclude_duplicates)
+    usage = usage_of(path, split)
+    emb = emb._replace(X=emb.X[rows], y=emb.y[rows], ids=[emb.ids[i] for i in rows])
+    report = {**score(head, emb, [usage[i] for i in rows]),
+              "calibration": calibration(emb.y, head.predict_proba(emb.X)),
+              **unseen_figures(emb.y, head.predict(emb.X), seen), "exclude_duplicates": exclude_duplicates,
+              "excluded": len(usage) - len(rows), "head": str(head_dir), "cache": str(path)}
     title = f"{head.identity.model if head.identity else 'features'} · {head.method} on {split}"
     return write_evaluation(report, Path(out) if out is not None else Path(head_dir), head.classes, title, plots)
 
 
-def write_evaluation(report: dict, folder: Path, classes: list[str], title: str, plots: bool = True) -> dict:
-    """`evaluate-<split>.json` and, with `plots`, `confusion-<split>.png` of a head's or a tuned run's
-    report on one split, into `folder`; returns the report."""
-    folder.mkdir(parents=True, exist_ok=True)
-    split = report["split"]
-    (folder / f"evaluate-{split}.json").write_text(json.dumps(report, indent=2) + "\n")
-    if plots:
-        plot_confusion(report["confusion"], classes, folder / f"confusion-{split}.png",
-                       f"{title}: accuracy {report['accuracy']:.4f}")
-    return report
+
+def evaluate_across(head: Head, head_dir: Path, emb: Embeddings, path: Path, split: str,
+                    out: str | os.PathLike | None = None, plots: bool = True) -> dict:
+    """A head scored on another dataset's faces (`crossdata`): classes matched by canonical name,
+    its output restricted to the shared classes, the faces of classes it does not know left out and
+    counted by name; the report's classes are the shared ones, by the data's names."""
+    dataset, classes, canonical = dataset_of(emb.meta)
+    cmap = class_map(head.classes, dataset_of({"classes": head.classes, "canonical": head.canonical})[2], classes,
+                     canonical)
+    keep, y, logits = cmap.restrict(emb.y, head.logits(emb.X))
+    if not keep.any():
+        raise UserError(f"{path}: none of split '{split}''s faces is of a class the head knows "
+                        f"({', '.join(head.classes)})")
+    proba, pred = restricted_scores(logits)
+    loss = float(-np.log(np.maximum(proba[np.arange(len(y)), y], 1e-12)).mean())
+    usage = usage_of(path, split)
+    report = {**score_predictions(y, pred, loss, cmap.classes, split, [u for u, k in zip(usage, keep) if k]),
+              "calibration": calibration(y, proba), "dataset": dataset, "head_dataset": head.dataset,
+              "shared_classes": dict(zip(cmap.classes, cmap.canonical)),
+              "left_out": cmap.left_out_counts(emb.y, classes), "head_classes_unused": cmap.unused,
+              "head": str(head_dir), "cache": str(path)}
+    title = (f"{head.identity.model if head.identity else 'features'} · {head.method} ({head.dataset}) on "
+             f"{dataset} {split}")
+    return write_evaluation(report, Path(out) if out is not None else head_dir, cmap.classes, title, plots)

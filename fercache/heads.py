@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fercache.errors import UserError
-from fercache.identity import HEAD, Identity
+from fercache.identity import HEAD, Identity, dataset_of
 from fercache.names import CLASS_WEIGHTS, CLASSES, choice
 
 WEIGHTS, CONFIG = "head.safetensors", "head.json"
@@ -37,6 +37,8 @@ class Head:
     identity: Identity | None = None  # None: fitted on arrays of unknown origin (`fit_linear` on your own)
     layer: int | None = None
     views: str = "plain"
+    canonical: list[str] | None = None  # per class its canonical expression (None: FER2013's, or the names)
+    dataset: str = "fer2013"  # what it was fitted on
 
     @property
     def dim(self) -> int:
@@ -46,7 +48,7 @@ class Head:
         """Classes with no training row are never predicted: their row is zero, their bias `ABSENT`.
 
         Training only pushes such a class's logit down, not out of reach (with --limit or few-shot
-        data a far-off face could still land on it); the head keeps 7 rows either way.
+        data a far-off face could still land on it); the head keeps a row per class either way.
         """
         absent = np.bincount(np.asarray(y, dtype=np.int64), minlength=len(self.bias)) == 0
         self.weight[absent], self.bias[absent] = 0.0, ABSENT
@@ -86,7 +88,9 @@ class Head:
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, folder / WEIGHTS)
         config = {"format": "fercache-head", "format_version": FORMAT_VERSION, "classes": self.classes,
                   "method": self.method, "dim": self.dim, "standardize": self.standardize, "layer": self.layer,
-                  "views": self.views, **(self.identity.to_meta(HEAD) if self.identity else {})}
+                  "views": self.views, "dataset": self.dataset,
+                  "canonical": dataset_of({"classes": self.classes, "canonical": self.canonical})[2],
+                  **(self.identity.to_meta(HEAD) if self.identity else {})}
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
@@ -104,7 +108,8 @@ class Head:
             t = load_file(folder / WEIGHTS)
             identity = Identity.from_meta(config).encoder() if "model" in config else None
             head = cls(t["weight"], t["bias"], t["mean"], t["std"], config["method"], bool(config["standardize"]),
-                       list(config["classes"]), identity, config.get("layer"), config.get("views") or "plain")
+                       list(config["classes"]), identity, config.get("layer"), config.get("views") or "plain",
+                       dataset_of(config)[2], dataset_of(config)[0])
         except (OSError, ValueError, KeyError, TypeError, SafetensorError, UserError) as exc:
             raise UserError(f"{folder}: broken head ({type(exc).__name__}: {exc})") from None
         k, d = head.weight.shape if head.weight.ndim == 2 else (0, 0)
@@ -128,25 +133,30 @@ def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def class_weights(y: np.ndarray, class_weight: str = "none") -> np.ndarray:
-    """One weight per class of `CLASSES`: ones, or scikit-learn's "balanced", n / (classes present x rows
-    of the class), so that every class present weighs the same in the loss (absent classes get 0)."""
+def class_weights(y: np.ndarray, class_weight: str = "none", classes: int = len(CLASSES)) -> np.ndarray:
+    """One weight per class (`classes` of them, FER2013's 7 by default): ones, or scikit-learn's "balanced",
+    n / (classes present x rows of the class), so that every class present weighs the same in the loss
+    (absent classes get 0)."""
     choice(class_weight, CLASS_WEIGHTS, "class weight")
-    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=len(CLASSES)).astype(np.float64)
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=classes).astype(np.float64)
     if class_weight == "none":
-        return np.ones(len(CLASSES))
+        return np.ones(classes)
     return np.divide(len(y), (counts > 0).sum() * counts, out=np.zeros_like(counts), where=counts > 0)
 
 
 def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
                *, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, weight_decay: float = 0.0,
-               seed: int = 0, standardize: bool = True, class_weight: str = "none") -> tuple[Head, list[dict]]:
+               seed: int = 0, standardize: bool = True, class_weight: str = "none", classes: int = len(CLASSES),
+               targets: np.ndarray | None = None) -> tuple[Head, list[dict]]:
     """The reference recipe: `nn.Linear`, `torch.optim.Adam`, cross-entropy on shuffled minibatches.
 
     Returns the head and one history row per epoch: train loss and accuracy averaged over the
     epoch's minibatches (as the reference recipe reports them) and, when a test set is given, test
     loss and accuracy of the whole set after the epoch. Any float arrays; same seed, same numbers.
     `class_weight="balanced"` weighs the cross-entropy by `class_weights` (the reported losses too).
+    The head has `classes` rows (at least every label in `y`). `targets` (N x classes, rows summing to
+    1: FER+'s vote shares) are soft targets for the training loss (cross-entropy against the
+    distribution); `y` (their majority) still scores accuracy and the test loss.
     The loop indexes tensors already in memory (no DataLoader) on one thread: for a D x 7 layer,
     thread hand-offs cost more than they save.
     """
@@ -159,7 +169,11 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
     mean, std = moments(X, standardize)
     features = torch.from_numpy((X - mean) / std)
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    weight = None if class_weight == "none" else torch.from_numpy(class_weights(y, class_weight)).float()
+    classes = max(classes, int(labels.max()) + 1 if len(labels) else 0)
+    soft = None if targets is None else torch.from_numpy(np.asarray(targets, dtype=np.float32))
+    if soft is not None and tuple(soft.shape) != (len(labels), classes):
+        raise UserError(f"soft targets of shape {tuple(soft.shape)} for {len(labels)} rows of {classes} classes")
+    weight = None if class_weight == "none" else torch.from_numpy(class_weights(y, class_weight, classes)).float()
     if X_test is not None:
         X_test = torch.from_numpy((np.asarray(X_test, dtype=np.float32) - mean) / std)
         y_test = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
@@ -168,7 +182,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
-            model = torch.nn.Linear(X.shape[1], len(CLASSES))
+            model = torch.nn.Linear(X.shape[1], classes)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         history = []
@@ -176,7 +190,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, X_test: np.ndarray | None = None, y
             loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
             for batch in torch.randperm(len(labels), generator=gen).split(batch_size):
                 logits = model(features[batch])
-                loss = F.cross_entropy(logits, labels[batch], weight=weight)
+                loss = F.cross_entropy(logits, labels[batch] if soft is None else soft[batch], weight=weight)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -106,11 +106,20 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
     for name, key in rows:
         if m.get(key) is not None:
             parts.append(f'<tr><td>{name}</td><td>{m[key]:.4f} <span class="ci">{interval(m, key)}</span></td></tr>')
+    if m.get("test_unseen_accuracy") is not None:
+        parts.append(f'<tr><td>accuracy on the {m["test_unseen_count"]:,} test faces with no copy in train</td>'
+                     f'<td>{m["test_unseen_accuracy"]:.4f} <span class="ci">{interval(m, "test_unseen_accuracy")}'
+                     "</span></td></tr>")
     if m.get("calibration"):
         parts.append(f"<tr><td>expected calibration error</td><td>{m['calibration']['ece']:.4f}</td></tr>")
     if m.get("test_loss") is not None:
         parts.append(f"<tr><td>cross-entropy</td><td>{m['test_loss']:.4f}</td></tr>")
     parts.append("</table>")
+    if m.get("exclude_duplicates"):
+        parts.append(f"<p>--exclude-duplicates: the {m['train_with_test_copy']:,} train faces with a copy (exact or "
+                     "near) among the test faces were left out of training</p>")
+    elif "test_unseen_count" in m and m["test_unseen_count"] is None:
+        parts.append("<p class=note>which test faces have a copy in train is unknown: the source is not at hand</p>")
     if m.get("few_shot"):
         fs = m["few_shot"]
         parts.append(f"<p>{fs['shots']} faces per class, {fs['repeats']} draws: test accuracy "
@@ -137,6 +146,7 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
 
     if predictions is not None:
         y, proba, ids = np.asarray(predictions["label"]), np.asarray(predictions["proba"]), list(predictions["id"])
+        names = list(m.get("per_class") or CLASSES)  # the dataset's classes, in label order
         rows_ = confident_mistakes(y, proba)
         parts.append(f"<h2>The {len(rows_)} most confident mistakes</h2>")
         faces = faces_of(source, [ids[i] for i in rows_])
@@ -146,8 +156,8 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
         for i in rows_:
             img = f'<img alt="{esc(ids[i])}" src="{data_uri(face_png(faces[ids[i]]))}">' if ids[i] in faces else ""
             pred = int(proba[i].argmax())
-            parts.append(f'<div class=face>{img}<br><span class=true>{CLASSES[y[i]]}</span> → '
-                         f'<span class=pred>{CLASSES[pred]}</span> {proba[i, pred]:.2f}<br>'
+            parts.append(f'<div class=face>{img}<br><span class=true>{esc(names[y[i]])}</span> → '
+                         f'<span class=pred>{esc(names[pred])}</span> {proba[i, pred]:.2f}<br>'
                          f'<span class=ci>{esc(Path(ids[i]).name)}</span></div>')
         parts.append("</div>")
     parts.append("</body></html>\n")

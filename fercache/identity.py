@@ -2,12 +2,14 @@
 
 Two caches may share rows, a head may score a cache, ranks may join one cache, and a resumed run
 may reuse a part file only when the features come from the same encoder (model, revision,
-weights, preprocessing, feature, image size) and, for rows in one file, the same dtype, stored
-layers, views and dataset. `Identity.differences` names every field that differs, so each refusal
-is one line that says what differs.
+weights, preprocessing, feature, image size, and the images it saw: 48x48 gray or native) and,
+for rows in one file, the same dtype, stored layers, views, dataset and class order (a folder's
+fingerprint does not change with `--classes` order; its labels do). `Identity.differences` names
+every field that differs, so each refusal is one line that says what differs.
 
 Stored flat, as a cache's root attributes and in `head.json`, under the keys of `ATTRS`. Files
-written by fercache 0.1.0 lack `model_weights` (and heads `image_size`); an empty value means
+written by fercache 0.1.0 lack `model_weights` (and heads `image_size`), before 0.3.0 `images`
+and (heads) `classes` in the identity; an empty value means
 "not known" and is not compared, so they still load.
 """
 
@@ -16,15 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fercache.errors import UserError
+from fercache.names import CANONICAL, CLASSES
 
 # field -> key in cache attributes and head.json (0.1.0's names, kept so old files read as they are)
 ATTRS = {"model": "model", "revision": "model_revision", "weights": "model_weights", "preprocess": "preprocess",
          "feature": "feature", "image_size": "image_size", "dtype": "dtype", "layers": "layers",
-         "tokens": "tokens", "views": "views", "source": "source"}
-ENCODER = ("model", "revision", "weights", "preprocess", "feature", "image_size")  # what a head needs
-CACHE = ENCODER + ("dtype", "layers", "tokens", "views", "source")  # what rows in one file share
+         "tokens": "tokens", "views": "views", "source": "source", "images": "images", "classes": "classes"}
+ENCODER = ("model", "revision", "weights", "preprocess", "feature", "image_size", "images")  # what a head needs
+CACHE = ENCODER + ("dtype", "layers", "tokens", "views", "source", "classes")  # what rows in one file share
 HEAD = ENCODER + ("dtype",)  # what head.json records (dtype: the one `predict` encodes in)
-OPTIONAL = ("revision", "weights", "image_size")  # compared only where both sides know them
+OPTIONAL = ("revision", "weights", "image_size", "images", "classes")  # compared only where both sides know them
+GRAY48, NATIVE = "48x48 gray", "native"  # what the encoder saw: FER2013's faces, or each image as stored
 # (`tokens` None is known: no tokens stored, as in every file older than stage three)
 
 
@@ -43,6 +47,8 @@ class Identity:
     tokens: int | None = None  # block whose input token sequence is stored (stage three)
     views: tuple[str, ...] = ("plain",)
     source: str = ""  # the dataset's content fingerprint ("" for a head: heads score any source)
+    images: str = ""  # GRAY48 or NATIVE ("": not recorded, files before 0.3.0: always GRAY48)
+    classes: tuple[str, ...] = ()  # the rows' label names in label order (a folder's --classes order too)
 
     def to_meta(self, keys: tuple[str, ...] = tuple(ATTRS)) -> dict:
         """The flat attributes a cache's root (all keys) or `head.json` (`HEAD`) stores, JSON-friendly."""
@@ -67,12 +73,13 @@ class Identity:
                    image_size=int(size) if size else None, revision=meta.get("model_revision") or "",
                    weights=meta.get("model_weights") or "", layers=tuple(meta.get("layers") or ()),
                    tokens=int(tokens) if tokens is not None and tokens != -1 else None,
-                   views=tuple(meta.get("views") or ("plain",)),
+                   views=tuple(meta.get("views") or ("plain",)), images=meta.get("images") or "",
+                   classes=tuple(meta.get("classes") or ()),
                    source=source.get("fingerprint", "") if isinstance(source, dict) else str(source))
 
     def encoder(self) -> Identity:
         """Only what a head depends on: which encoder made its features, not which rows or files."""
-        return replace(self, layers=(), tokens=None, views=("plain",), source="")
+        return replace(self, layers=(), tokens=None, views=("plain",), source="", classes=())
 
     def differences(self, other: Identity, keys: tuple[str, ...] = CACHE) -> list[str]:
         """`key: here vs there` for every field in `keys` that differs (unknown optional values match)."""
@@ -94,3 +101,10 @@ class Identity:
         if diff:
             raise UserError(f"{where} differs from what is asked ({'; '.join(diff)}; here vs asked)"
                             + (f": {hint}" if hint else ""))
+
+
+def dataset_of(meta: dict) -> tuple[str, list[str], list[str]]:
+    """(dataset, classes, canonical names) of a cache's or head's metadata; files before 0.3.0 are FER2013's."""
+    classes = list(meta.get("classes") or CLASSES)
+    canonical = meta.get("canonical") or (list(CANONICAL) if tuple(classes) == CLASSES else classes)
+    return meta.get("dataset") or "fer2013", classes, list(canonical)

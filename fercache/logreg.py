@@ -54,9 +54,9 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(fit_rows)), np.sort(np.concatenate(val_rows))
 
 
-def sample_weights(y: np.ndarray, class_weight: str) -> np.ndarray:
+def sample_weights(y: np.ndarray, class_weight: str, classes: int = len(CLASSES)) -> np.ndarray:
     """Per-row weights: each row its class's weight (`heads.class_weights`)."""
-    return class_weights(y, class_weight)[np.asarray(y, dtype=np.int64)]
+    return class_weights(y, class_weight, classes)[np.asarray(y, dtype=np.int64)]
 
 
 class Problem:
@@ -75,10 +75,10 @@ class Problem:
     FLOAT64_UP_TO = 1 << 24  # rows x features: below this the products are cheap enough in float64
 
     def __init__(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray, device: str = "cpu",
-                 dtype: str = "auto"):
+                 dtype: str = "auto", classes: int = len(CLASSES)):
         import torch
 
-        self.torch, self.k, self.d = torch, len(CLASSES), X.shape[1]
+        self.torch, self.k, self.d = torch, classes, X.shape[1]
         if dtype == "auto":  # float32 products reach a gradient of ~1e-5 on standardised rows: enough for TOL
             dtype = "float64" if X.size <= self.FLOAT64_UP_TO else "float32"
         self.dtype = getattr(torch, dtype)
@@ -179,7 +179,7 @@ def minimise(problem: Problem, C: float, theta0: np.ndarray | None = None, tol: 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool = True, class_weight: str = "none",
                val: tuple[np.ndarray, np.ndarray] | None = None, grid: tuple[float, ...] = C_GRID,
-               device: str = "cpu") -> tuple[Head, dict]:
+               device: str = "cpu", classes: int = len(CLASSES)) -> tuple[Head, dict]:
     """Logistic regression on `X`, C chosen by the one-SE rule on validation rows, never on test.
 
     Validation is `val` (features and labels, e.g. PublicTest) when given, else a stratified
@@ -192,9 +192,10 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
     said in one warning (`C_at_edge`), as are fits that do not converge within `MAX_ITER`
     iterations. Returns the head (always one row per class) and the search: `{"C", "rule",
     "validation": [{"C", "val_loss", "val_loss_se", "val_acc", "val_se", "n_iter", "converged"}],
-    "val_count", "C_at_edge", ...}`.
+    "val_count", "C_at_edge", ...}`. The head has `classes` rows (FER2013's 7 unless given).
     """
     y = np.asarray(y, dtype=np.int64)
+    classes = max(classes, int(y.max()) + 1 if len(y) else 0)
     if X.ndim != 2 or len(X) != len(y) or len(y) == 0:
         raise UserError(f"logistic regression needs N x D features and N labels (got {X.shape} and {y.shape})")
     X = np.asarray(X, dtype=np.float32)
@@ -207,7 +208,8 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
     else:
         X_fit, y_fit, X_val, y_val = X, y, np.asarray(val[0], dtype=np.float32), np.asarray(val[1], dtype=np.int64)
     mean, std = moments(X_fit, standardize)
-    problem = Problem((X_fit - mean) / std, y_fit, sample_weights(y_fit, class_weight), device)
+    problem = Problem((X_fit - mean) / std, y_fit, sample_weights(y_fit, class_weight, classes), device,
+                      classes=classes)
     curve, solutions = [], []
     # What chooses C: accuracy, or with balanced class weights what they aim at, balanced accuracy
     score, se = ("val_bacc", "val_bacc_se") if class_weight == "balanced" else ("val_acc", "val_se")
@@ -254,7 +256,7 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, *, seed: int = 0, standardize: bool
     final = {"n_iter": curve[chosen]["n_iter"], "converged": curve[chosen]["converged"]}
     if val is None:  # refit on every training row (their own standardisation), from the validation fit's solution
         fit_moments, (mean, std) = (mean, std), moments(X, standardize)
-        problem = Problem((X - mean) / std, y, sample_weights(y, class_weight), device)
+        problem = Problem((X - mean) / std, y, sample_weights(y, class_weight, classes), device, classes=classes)
         theta, final = minimise(problem, C, problem.theta_of(*_restandardise(*solution, fit_moments, (mean, std)), C))
         solution = problem.weights(theta, C)
     stalled = [f"C={r['C']:g}" for r in curve if not r["converged"]] + ([] if final["converged"] else ["the final fit"])

@@ -24,7 +24,10 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 PIXELS = "pixels"  # the raw-pixel baseline, no network
 PREPROCESS: tuple[str, ...] = ("clip", "seed")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+INT8 = "int8"  # --dtype int8: the tower's Linear layers quantised on the CPU (`fercache.accelerate`)
 TTA: tuple[str, ...] = ("none", "flip")
+IMAGES: tuple[str, ...] = ("gray48", "native")  # what the encoder sees: FER2013's 48x48 gray, or each image as stored
+LABELS: tuple[str, ...] = ("ferplus-majority", "ferplus-votes")  # FER+: majority labels, or vote shares as soft targets
 VIEWS: tuple[str, ...] = ("plain", "flip", "mean")  # mean: plain and flip averaged, never stored
 METHODS: tuple[str, ...] = ("linear", "logreg")
 CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")  # balanced: n / (classes x rows of the class), as scikit-learn
@@ -46,9 +49,12 @@ def model_slug(model: str) -> str:
 
 
 def default_cache(model: str = DEFAULT_MODEL, preprocess: str = "clip", layers: list[int] | tuple[int, ...] = (),
-                  tta: str = "none", tokens: int | None = None) -> Path:
-    """`<data>/cache/<model-slug>__<preprocess>[__layers-…][__tokens-K][__flip].h5`: what `extract` writes, `fit` reads."""
+                  tta: str = "none", tokens: int | None = None, dataset: str = "fer2013", images: str = "gray48") -> Path:
+    """`<data>/cache/<model-slug>__<preprocess>[__<dataset>][__native][__layers-…][__tokens-K][__flip].h5`:
+    what `extract` writes, `fit` reads (FER2013 at 48x48 gray: the name it always had)."""
     name = f"{model_slug(model)}__{preprocess}"
+    name += f"__{dataset}" if dataset != "fer2013" else ""
+    name += f"__{images}" if images != "gray48" else ""
     if layers:
         name += "__layers-" + "-".join(map(str, layers))
     if tokens is not None:

@@ -7,6 +7,9 @@ tower's own head: OpenCLIP's ViT pools them (`_pool`: final norm, CLS or mean) a
 a timm trunk (SigLIP, EVA-CLIP) reads them as timm does, then through the projection head. So the
 last block's feature is `encode_image` itself. A timm conv trunk's stage k is its map averaged;
 OpenCLIP's own ResNets give their pooled feature only.
+
+Stage three (`finetune`) tunes the top blocks of an OpenCLIP ViT or of a timm ViT/EVA trunk
+(`tuning`): blocks as the tower calls them, then `head` on a copy of what reads the last block.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 from fercache.backends import Tower
 from fercache.errors import UserError
 from fercache.preprocess import Recipe, torchvision_recipe
-from fercache.timm_models import TimmTower
+from fercache.timm_models import HEAD_PARTS, TimmTower, block_call, tunable
+from fercache.timm_models import head as timm_head
 
 
 class OpenClipTower(Tower):
@@ -54,10 +58,38 @@ class OpenClipTower(Tower):
         return self.clip.encode_image(x)
 
     def read(self, h: torch.Tensor) -> torch.Tensor:
-        if self.trunk is not None:  # a conv trunk's stage: its map averaged (the head takes the last stage's only)
-            return self.module.head(self.trunk.read(h)) if h.ndim == 3 else self.trunk.read(h)
-        pooled, _ = self.module._pool(h)  # final norm and CLS (or mean) pooling, as its forward
-        return pooled @ self.module.proj if self.module.proj is not None else pooled
+        if self.trunk is not None and h.ndim == 4:  # a conv trunk's stage: its map averaged (the head takes the last's)
+            return self.trunk.read(h)
+        return head(self.module, h)
+
+
+def head(visual: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A block's tokens read as `encode_image` reads the last block's: a timm trunk's own head, then
+    OpenCLIP's projection head; an OpenCLIP ViT's `_pool` (final norm, CLS or mean pooling), then `proj`."""
+    if hasattr(visual, "trunk"):
+        return visual.head(timm_head(visual.trunk, h, pre_logits=False))
+    pooled, _ = visual._pool(h)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def tuning(visual: torch.nn.Module, where: str):
+    """Stage three's view of an OpenCLIP image tower (`finetune.LibraryTower`); a ResNet or a timm
+    conv trunk: a one-line error."""
+    from fercache.finetune import LibraryTower
+
+    if hasattr(visual, "trunk"):
+        tunable(visual.trunk, where)
+        parts = tuple(f"trunk.{p}" for p in (*HEAD_PARTS, "head")) + ("head",)  # the trunk's classifier projects
+        return LibraryTower(visual, "trunk.blocks", parts, block_call(visual.trunk), head, visual.trunk.embed_dim)
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise UserError(f"{where} (OpenCLIP {type(visual).__name__}) is not a tower fercache can tune "
+                        "(OpenCLIP ViTs and timm ViT or EVA trunks are)")
+    parts = ("ln_post", "attn_pool", "attn_pool_contrastive", "proj")
+    return LibraryTower(visual, "transformer.resblocks", parts, _call_block, head, visual.transformer.width)
+
+
+def _call_block(block: torch.nn.Module, _index: int, h: torch.Tensor) -> torch.Tensor:
+    return block(h)  # as `Transformer.forward` calls its resblocks for images: no attention mask
 
 
 def _create(folder: Path, weights: bool, device: str = "cpu") -> torch.nn.Module:

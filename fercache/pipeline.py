@@ -9,19 +9,26 @@ from fercache.extract import Summary, extract
 from fercache.fit import FitResult, fit
 from fercache.names import DEFAULT_MODEL
 
+DEFAULT_FOLDS = 10  # `run` on a dataset without a split: 10 subject-independent folds, as CK+ and JAFFE papers
+
 
 def run(data: str | os.PathLike | None = None, model: str = DEFAULT_MODEL, preprocess: str = "clip",
         device: str = "auto", dtype: str = "auto", batch_size: int | None = None, method: str = "linear",
         epochs: int = 20, limit: int | None = None, cache: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, progress: bool = True,
-        revision: str | None = None) -> tuple[list[Summary], FitResult | None]:
+        revision: str | None = None, dataset: str | None = None, classes: str | None = None,
+        votes: str | os.PathLike | None = None, images: str = "gray48", folds: int | str | None = None,
+        labels: str | None = None) -> tuple[list[Summary], FitResult | None]:
     """Extract train and test, fit a head on train, report on test; returns both stages' results.
 
-    Under torchrun every rank extracts its shards (see `extract`); rank 0 alone then fits and
-    reports, the other ranks get None for the fit.
+    A dataset without a split (CK+, JAFFE) is extracted whole and cross-validated over `folds`
+    subject-independent folds (`DEFAULT_FOLDS` unless given). Under torchrun every rank extracts
+    its shards (see `extract`); rank 0 alone then fits and reports, the other ranks get None.
     """
     summaries = extract(data, "all", model, preprocess, device, dtype, batch_size, limit, cache, progress=progress,
-                        revision=revision)
+                        revision=revision, dataset=dataset, classes=classes, votes=votes, images=images)
     if rank_and_world()[0] != 0:
         return summaries, None
-    return summaries, fit(summaries[0].cache, method=method, epochs=epochs, out=out)
+    if folds is None and summaries[0].split == "all":
+        folds = DEFAULT_FOLDS
+    return summaries, fit(summaries[0].cache, method=method, epochs=epochs, out=out, folds=folds, labels=labels)

@@ -18,14 +18,16 @@ import numpy as np
 from fercache.errors import UserError, warn
 from fercache.fit import check_head
 from fercache.heads import Head
+from fercache.identity import NATIVE
 from fercache.names import TUNED_CONFIG, feature_name
 
 Box = tuple[int, int, int, int]  # x, y, width, height in the image's pixels
 
-# The cascade looks at every image at one working size (longer side, after a border), so a face is found
-# whether the photo is 48 px or 4000 px wide; the border lets it find tight crops such as FER2013's own
-# faces (found on 84% of 200 real FER2013 test faces with it, 66% without).
-DETECT_SIDE, DETECT_BORDER = 480, 0.25
+# The cascade looks at every image twice: at a small working size (longer side, after a border), which
+# finds large faces and tight crops such as FER2013's own faces (the border: found on 84% of 200 real
+# FER2013 test faces with it, 66% without), and at the photo's own resolution (longer side capped), which
+# finds faces too small for the working size (at 480 px a 4000 px photo's faces under ~300 px vanish).
+DETECT_SIDE, DETECT_BORDER, NATIVE_SIDE, MIN_FACE = 480, 0.25, 1600, 24
 
 
 def read_image(path: str | os.PathLike):
@@ -51,35 +53,66 @@ def _cascade():
 
 
 def detect_faces(image) -> list[Box]:
-    """Every face OpenCV's bundled Haar cascade finds in a PIL image, largest first."""
+    """Every face OpenCV's bundled Haar cascade finds in a PIL image, largest first.
+
+    Two searches, merged: the whole image with a border at `DETECT_SIDE` (its smallest face: 7.5% of
+    the longer side), and, where that shrinks the image more than twofold (longer side over 640 px),
+    the image at its own resolution, longer side at most `NATIVE_SIDE` (smallest face: `MIN_FACE` px
+    at that size, 60 px in a 4000 px photo). A 640x480 webcam frame gets the first search only: 48 px
+    faces, at the working size's speed.
+    """
     import cv2
 
-    cascade = _cascade()
     gray = np.asarray(image.convert("L"))
     pad = int(DETECT_BORDER * max(gray.shape))
-    padded = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    scale = DETECT_SIDE / max(padded.shape)
-    small = cv2.resize(padded, None, fx=scale, fy=scale,
-                       interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    found = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    boxes = _search(cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE), DETECT_SIDE, pad)
+    if max(gray.shape) + 2 * pad > 2 * DETECT_SIDE:
+        boxes += _search(gray, NATIVE_SIDE, 0)
     height, width = gray.shape
-    boxes = []
-    for x, y, w, h in found:  # back to the image's pixels, clipped to it
-        x0, y0 = max(0, round(x / scale) - pad), max(0, round(y / scale) - pad)
-        x1, y1 = min(width, round((x + w) / scale) - pad), min(height, round((y + h) / scale) - pad)
+    clipped = []
+    for x, y, w, h in boxes:  # clipped to the image
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
         if x1 - x0 >= 8 and y1 - y0 >= 8:
-            boxes.append((x0, y0, x1 - x0, y1 - y0))
-    return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+            clipped.append((x0, y0, x1 - x0, y1 - y0))
+    return _one_box_per_face(clipped)
 
 
-def face_pixels(image, box: Box | None = None) -> np.ndarray:
-    """The 48x48 gray face the head sees: the box's crop (or the whole image), made as the readers do."""
+def _search(gray: np.ndarray, side: int, pad: int) -> list[Box]:
+    """The cascade's boxes in `gray` resized to at most `side` px (up to it when smaller), in the
+    unpadded image's pixels."""
+    import cv2
+
+    scale = side / max(gray.shape)
+    if scale < 1 or pad:  # the padded working image is always brought to `side`; the photo only down
+        gray = cv2.resize(gray, None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    else:
+        scale = 1.0
+    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(MIN_FACE, MIN_FACE))
+    return [(round(x / scale) - pad, round(y / scale) - pad, round(w / scale), round(h / scale))
+            for x, y, w, h in found]
+
+
+def _one_box_per_face(boxes: list[Box]) -> list[Box]:
+    """Largest first, dropping a box that mostly (over half its area) lies in a larger one kept:
+    both searches find a mid-sized face, at slightly different boxes."""
+    kept: list[Box] = []
+    for x, y, w, h in sorted(boxes, key=lambda b: b[2] * b[3], reverse=True):
+        if all(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b)) <= w * h / 2
+               for a, b, c, d in kept):
+            kept.append((x, y, w, h))
+    return kept
+
+
+def face_pixels(image, box: Box | None = None, native: bool = False) -> np.ndarray:
+    """The face the head sees: the box's crop (or the whole image), made as the readers do: 48x48 gray,
+    or (a head fitted on `--images native` features) H x W x 3 as it is."""
     from fercache.data import to_gray48
 
     if box is not None:
         x, y, w, h = box
         image = image.crop((x, y, x + w, y + h))
-    return to_gray48(image)[0]
+    return np.asarray(image.convert("RGB"), dtype=np.uint8) if native else to_gray48(image)[0]
 
 
 def crop_face(image, name: str):
@@ -100,6 +133,7 @@ class Scorer:
 
         self.batch_size = batch_size
         self.tuned = None
+        self.native = False  # True: the head's features were of native images (faces go as they are)
         if (Path(head_dir) / TUNED_CONFIG).is_file():  # a `finetune` run: the base model, tuned blocks swapped in
             from fercache.finetune import load_tuned
 
@@ -119,9 +153,14 @@ class Scorer:
         self.views = ("plain", "flip") if head.views == "mean" else (head.views,)
         self.names = [feature_name(layer, view) for view in self.views]
         self.classes = list(head.classes)
+        self.native = head.identity.images == NATIVE
 
-    def probs(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 48, 48) uint8 faces -> (N, classes) probabilities."""
+    def faces(self, faces: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """`face_pixels` arrays as `probs` takes them: one 48x48 batch, or the native images' list."""
+        return faces if self.native else np.stack(faces)
+
+    def probs(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """(N, 48, 48) uint8 faces (native: a list of H x W x 3) -> (N, classes) probabilities."""
         if self.tuned is not None:
             z = self.tuned.logits_from_pixels(pixels, self.batch_size)
             p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -144,12 +183,12 @@ def predict(head_dir: str | os.PathLike, images: list[str | os.PathLike], device
 
     Returns `{"image", "label", "probs": {class: p}}` per image, in order.
     """
-    faces = []
+    crops = []
     for name in images:  # every image read before the model loads: a bad path fails at once
         image = read_image(name)
-        faces.append(face_pixels(crop_face(image, str(name)) if detect_face else image))
+        crops.append(crop_face(image, str(name)) if detect_face else image)
     scorer = Scorer(head_dir, device, batch_size)
-    probs = scorer.probs(np.stack(faces))
+    probs = scorer.probs(scorer.faces([face_pixels(c, native=scorer.native) for c in crops]))
     return [{"image": str(name), **labelled(p, scorer.classes)} for name, p in zip(images, probs)]
 
 
@@ -169,6 +208,6 @@ def label_faces(scorer: Scorer, image, whole_if_none: bool = False) -> list[dict
         boxes = [None]
     if not boxes:
         return []
-    probs = scorer.probs(np.stack([face_pixels(image, box) for box in boxes]))
+    probs = scorer.probs(scorer.faces([face_pixels(image, box, scorer.native) for box in boxes]))
     return [{"box": None if box is None else [int(v) for v in box], **labelled(p, scorer.classes)}
             for box, p in zip(boxes, probs)]

@@ -72,10 +72,25 @@ class Recipe:
     std: tuple[float, float, float]
     rescale: float = 1 / 255
     top: int | None = None  # the crop's first row and column; None: (resize - crop) // 2, as transformers
+    shortest: bool = True  # an image of another shape: its shortest edge to `resize` (else a resize x resize square)
 
     @property
     def offset(self) -> int:
         return (self.resize - self.crop) // 2 if self.top is None else self.top
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of any shape is resized to: transformers' `get_resize_output_image_size`
+        (shortest edge, the long one truncated, as torchvision's Resize(int)), or a square."""
+        if not self.shortest:
+            return self.resize, self.resize
+        short, long = min(height, width), max(height, width)
+        long = int(self.resize * long / short)
+        return (long, self.resize) if width <= height else (self.resize, long)
+
+    def start(self, side: int) -> int:
+        """The centre crop's first row (column) in a resized side: transformers' floor, torchvision's round
+        (the recipes that give `top`)."""
+        return (side - self.crop) // 2 if self.top is None else int(round((side - self.crop) / 2.0))
 
 
 def _side(size, key: str) -> int | None:
@@ -100,7 +115,7 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
     and DINOv2 (BiT), ConvNeXt and ResNet (crop_pct), EfficientNet (offset, include_top).
     """
     if name == "seed":
-        return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), shortest=False)
     if name != "clip":
         raise UserError(f"unknown preprocessing '{name}': choose one of {', '.join(PREPROCESS)}")
     kind = type(processor).__name__
@@ -108,6 +123,7 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
         raise UserError(f"{kind}: not one of the image processors fercache reproduces exactly "
                         f"({', '.join(p + 'ImageProcessor' for p in PIPELINES)}); try --preprocess seed")
     resize = crop = SIZE
+    shortest = True
     if getattr(processor, "do_resize", True):
         size = processor.size
         height, width, edge = _side(size, "height"), _side(size, "width"), _side(size, "shortest_edge")
@@ -115,6 +131,7 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
             raise UserError(f"{kind} resizes to {size}: fercache supports a shortest edge or a square size")
         resize = crop = int(edge or height)
         crop_pct = getattr(processor, "crop_pct", None)
+        shortest = edge is not None and not (crop_pct and edge >= 384)  # ConvNeXt from 384 px: a square
         if crop_pct and edge is not None and edge < 384:  # ConvNeXt's rule (its `resize`)
             resize = int(edge / crop_pct)
     if getattr(processor, "do_center_crop", False):
@@ -131,7 +148,7 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
     mean = (_per_channel(processor.image_mean) if normalize else np.zeros(3)) + offset
     std = (std if normalize else np.ones(3)) * (std if getattr(processor, "include_top", False) else 1.0)
     return Recipe("clip", int(resize), int(crop), int(processor.resample), tuple(map(float, mean)),
-                  tuple(map(float, std)), rescale)
+                  tuple(map(float, std)), rescale, shortest=shortest)
 
 
 INTERPOLATIONS = {"nearest": NEAREST, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -190,15 +207,49 @@ class Preprocessor:
         top = recipe.offset
         w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
         self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # native shapes' matrices
         mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)
         # normalise as one multiply-add per channel: (x * rescale - mean) / std
         self.scale = (recipe.rescale / std).view(1, 3, 1, 1).to(device)
         self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.recipe = device, dtype, recipe
 
-    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+        """A (B, 48, 48) gray batch, or (`extract --images native`) a list of H x W x 3 images of any sizes."""
+        if isinstance(pixels, list):
+            return self.native(pixels)
         x = torch.as_tensor(pixels).to(self.device, non_blocking=True).to(self.exact)
         x = torch.matmul(x, self.wx).add_(0.5).floor_().clamp_(0, 255)  # (B, 48, C): PIL's horizontal pass
         x = torch.matmul(self.wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, C, C): then the vertical one
         x = torch.addcmul(self.shift, x.float().unsqueeze(1), self.scale)  # gray -> 3 normalised channels
         return x.to(self.dtype)
+
+    def native(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Colour images as stored, each resized by the processor's rule for its own shape (`Recipe.resized`),
+        with the same two PIL passes per channel as the gray path; images of one shape go as one batch."""
+        out = torch.empty((len(images), 3, self.recipe.crop, self.recipe.crop), dtype=self.dtype, device=self.device)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            shapes.setdefault(image.shape, []).append(i)
+        for (height, width, _), rows in shapes.items():
+            wy, wx = self._weights(height, width)
+            x = torch.from_numpy(np.stack([images[i] for i in rows])).to(self.device).permute(0, 3, 1, 2).to(self.exact)
+            x = torch.matmul(x, wx).add_(0.5).floor_().clamp_(0, 255)  # (B, 3, H, C): horizontal pass
+            x = torch.matmul(wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, 3, C, C): vertical pass
+            out[rows] = torch.addcmul(self.shift, x.float(), self.scale).to(self.dtype)
+        return out
+
+    def _weights(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vertical (crop x H) and horizontal (W x crop) resize-and-crop matrices for one image shape."""
+        key = (height, width)
+        if key not in self._cache:
+            crop, sides = self.recipe.crop, self.recipe.resized(height, width)
+            if min(sides) < crop:
+                raise UserError(f"a {height}x{width} image resizes to {sides[0]}x{sides[1]}, smaller than the "
+                                f"{crop} px crop: fercache reproduces crops only")
+            wy, wx = (resize_weights(n, side, self.recipe.resample) / (1 << PRECISION_BITS) for n, side in
+                      ((height, sides[0]), (width, sides[1])))
+            wy, wx = wy[self.recipe.start(sides[0]):][:crop], wx[self.recipe.start(sides[1]):][:crop]
+            self._cache[key] = (torch.from_numpy(wy).to(self.device, self.exact),
+                                torch.from_numpy(wx.T.copy()).to(self.device, self.exact))
+        return self._cache[key]

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 
 from fercache.cache import load_embeddings, read_meta
 from fercache.errors import UserError, warn
@@ -30,7 +31,8 @@ def default_out(cache: str | os.PathLike) -> Path:
 
 
 def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method: str = "linear",
-          views: str = "plain", seed: int = 0, val: str = "train", class_weight: str = "none") -> dict:
+          views: str = "plain", seed: int = 0, val: str = "train", class_weight: str = "none",
+          exclude_duplicates: bool = False, folds: int | str | None = None) -> dict:
     """Fit a head per stored layer (and the pooled feature); choose the best layer on validation.
 
     `val="train"`: heads are fitted on a stratified 80% of train (`logreg.stratified_split`, the
@@ -39,11 +41,14 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
     also chooses logreg's C. Writes `probe.json` and `probe.png` (validation and test accuracy
     against block number) into `out`; returns what `probe.json` holds: `{"best_layer", "layers":
     [{"layer": k, "val_accuracy": a, "test_accuracy": b, ...}, ...], ...}`, the pooled feature
-    last with `"layer": "pooled"`.
+    last with `"layer": "pooled"`. `exclude_duplicates` drops the train faces that copy a test face
+    (as `fit`); each layer's `test_unseen_accuracy` is its accuracy on the test faces with no copy in train.
+    A dataset without a split takes `folds` (`probe_folds`).
     """
     from fercache.heads import fit_linear
     from fercache.logreg import VAL_FRACTION, fit_logreg, stratified_split
-    from fercache.stats import intervals
+    from fercache.runs import duplicate_counts, train_copies, with_copy
+    from fercache.stats import intervals, unseen_figures
 
     choice(method, METHODS, "method")
     choice(val, VALS, "--val")
@@ -52,27 +57,38 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
     if not meta.get("layers"):
         raise UserError(f"{cache}: stores no per-layer features; extract with --layers (e.g. "
                         f"`fercache extract --model {meta.get('model', '...')} --layers all --split all`)")
+    if folds is not None:
+        if val != "train" or exclude_duplicates:
+            raise UserError("--folds validates inside each fold's training part: no --val public_test or "
+                            "--exclude-duplicates")
+        return probe_folds(cache, meta, folds, out, method, views, seed, class_weight)
     test_split = "test" if val == "train" else "private_test"
     rows, fit_rows, val_rows = [], None, None
     for layer in [*meta["layers"], None]:
         train = load_embeddings(cache, "train", layer=layer, view=views)
         test = load_embeddings(cache, test_split, layer=layer, view=views)
+        if fit_rows is None:  # the same rows for every layer
+            copies = train_copies(meta.get("source", {}).get("path"), exclude_duplicates, Path(cache))
+            copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
+            fit_rows = np.flatnonzero(~copied) if exclude_duplicates else np.arange(len(train.y))
+            if val == "train":
+                fit_rows, val_rows = (fit_rows[r] for r in stratified_split(train.y[fit_rows], VAL_FRACTION, seed))
         if val == "train":
-            if fit_rows is None:
-                fit_rows, val_rows = stratified_split(train.y, VAL_FRACTION, seed)
             X, y, X_val, y_val = train.X[fit_rows], train.y[fit_rows], train.X[val_rows], train.y[val_rows]
         else:
-            X, y = train.X, train.y
+            X, y = train.X[fit_rows], train.y[fit_rows]
             X_val, y_val = load_embeddings(cache, "public_test", layer=layer, view=views)[:2]
         if method == "linear":
-            head, _ = fit_linear(X, y, seed=seed, class_weight=class_weight)
+            head, _ = fit_linear(X, y, seed=seed, class_weight=class_weight, classes=len(train.classes))
         else:
-            head, _ = fit_logreg(X, y, seed=seed, class_weight=class_weight, val=(X_val, y_val))
-        figures = intervals(test.y, head.predict(test.X))  # the bootstrap seed `fit` uses too
+            head, _ = fit_logreg(X, y, seed=seed, class_weight=class_weight, val=(X_val, y_val),
+                                 classes=len(train.classes))
+        pred = head.predict(test.X)
+        figures = intervals(test.y, pred, k=len(train.classes))  # the bootstrap seed `fit` uses too
         rows.append({"layer": POOLED if layer is None else layer, "dim": int(X.shape[1]),
                      "train_accuracy": head.score(X, y)[1], "val_accuracy": head.score(X_val, y_val)[1],
                      "test_accuracy": figures["accuracy"], "test_accuracy_low": figures["accuracy_low"],
-                     "test_accuracy_high": figures["accuracy_high"]})
+                     "test_accuracy_high": figures["accuracy_high"], **unseen_figures(test.y, pred, seen)})
     folder = Path(out) if out else default_out(cache)
     folder.mkdir(parents=True, exist_ok=True)
     best = max(rows, key=lambda r: r["val_accuracy"])  # chosen on validation, never on test
@@ -80,8 +96,70 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
               "method": method, "views": views, "val": val, "class_weight": class_weight,
               "val_split": "train" if val == "train" else "public_test", "test_split": test_split,
               "train_count": len(y), "val_count": len(y_val), "test_count": len(test.y),
+              **duplicate_counts(copied, exclude_duplicates),
               "best_layer": best["layer"], "layers": rows,
               "files": {"json": str(folder / "probe.json"), "plot": str(folder / "probe.png")}}
+    (folder / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_probe(result, folder / "probe.png")
+    return result
+
+
+def probe_folds(cache: str | os.PathLike, meta: dict, folds: int | str, out: str | os.PathLike | None,
+                method: str, views: str, seed: int, class_weight: str) -> dict:
+    """`probe` over subject-independent folds (`folds.cross_validate`): in each fold, a head per layer
+    fitted on a stratified 80% of the fold's training part, the layer chosen on the other 20%, the
+    fold's held-out subjects predicted. Each layer's row has its pooled test accuracy (every face
+    predicted once) and its mean train and validation accuracy; `chosen` (the layer-chosen-per-fold
+    predictions, pooled, and each fold's layer) is what a paper would report."""
+    from fercache.cache import load_subjects
+    from fercache.folds import cross_validate
+    from fercache.heads import fit_linear
+    from fercache.identity import dataset_of
+    from fercache.logreg import VAL_FRACTION, fit_logreg, stratified_split
+    from fercache.stats import intervals
+
+    layers = [*meta["layers"], None]
+    feats = {layer: load_embeddings(cache, "all", layer=layer, view=views) for layer in layers}
+    y, classes = feats[None].y, dataset_of(meta)[1]
+    proba = {layer: np.zeros((len(y), len(classes))) for layer in layers}
+    val_acc: dict = {layer: [] for layer in layers}
+    train_acc: dict = {layer: [] for layer in layers}
+    chosen: list = []
+
+    def one_fold(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        fit_rows, val_rows = (train[r] for r in stratified_split(y[train], VAL_FRACTION, seed))
+        for layer in layers:
+            X = feats[layer].X
+            if method == "linear":
+                head, _ = fit_linear(X[fit_rows], y[fit_rows], seed=seed, class_weight=class_weight,
+                                     classes=len(classes))
+            else:
+                head, _ = fit_logreg(X[fit_rows], y[fit_rows], seed=seed, class_weight=class_weight,
+                                     val=(X[val_rows], y[val_rows]), classes=len(classes))
+            val_acc[layer].append(head.score(X[val_rows], y[val_rows])[1])
+            train_acc[layer].append(head.score(X[fit_rows], y[fit_rows])[1])
+            proba[layer][test] = head.predict_proba(X[test])
+        chosen.append(max(layers, key=lambda layer: val_acc[layer][-1]))  # on validation, never on test
+        return proba[chosen[-1]][test]
+
+    pooled, _, summary = cross_validate(y, load_subjects(cache, "all"), folds, classes, one_fold, seed)
+    rows = []
+    for layer in layers:
+        figures = intervals(y, proba[layer].argmax(1), k=len(classes))
+        rows.append({"layer": POOLED if layer is None else layer, "dim": int(feats[layer].X.shape[1]),
+                     "train_accuracy": float(np.mean(train_acc[layer])),
+                     "val_accuracy": float(np.mean(val_acc[layer])), "test_accuracy": figures["accuracy"],
+                     "test_accuracy_low": figures["accuracy_low"], "test_accuracy_high": figures["accuracy_high"]})
+    figures = intervals(y, pooled.argmax(1), k=len(classes))
+    folder = Path(out) if out else default_out(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"cache": str(cache), "model": meta.get("model"), "preprocess": meta.get("preprocess"),
+              "method": method, "views": views, "val": "train", "class_weight": class_weight,
+              "val_split": "train", "test_split": "all", "train_count": len(y), "val_count": len(y),
+              "test_count": len(y), "best_layer": max(rows, key=lambda r: r["val_accuracy"])["layer"], "layers": rows,
+              "chosen": {"layers": [POOLED if c is None else c for c in chosen],
+                         **{k: figures[k] for k in ("accuracy", "accuracy_low", "accuracy_high")}},
+              "folds": summary, "files": {"json": str(folder / "probe.json"), "plot": str(folder / "probe.png")}}
     (folder / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_probe(result, folder / "probe.png")
     return result
@@ -126,7 +204,7 @@ def compare(runs: list[str | os.PathLike]) -> list[dict]:
     on these faces; `p_raw` keeps the unadjusted value). More than one set is said in one line.
     A path without a readable `metrics.json` is skipped with a warning; none at all is an error.
     """
-    from fercache.fit import PREDICTIONS, read_predictions
+    from fercache.runs import PREDICTIONS, read_predictions
     from fercache.stats import versus_best
 
     rows, skipped, predictions, keys = [], [], {}, {}
@@ -151,6 +229,9 @@ def compare(runs: list[str | os.PathLike]) -> list[dict]:
         mine = predictions.get(row["run"])
         count = len(mine["id"]) if mine else metrics.get("test_count")
         dataset = Path(source["path"]).name if source.get("path") else None
+        if metrics.get("dataset", "fer2013") != "fer2013" or metrics.get("folds"):  # which dataset, how split
+            folds = f", {metrics['folds']['count']} folds" if metrics.get("folds") else ""
+            dataset = f"{metrics.get('dataset', 'fer2013')} ({dataset or 'cache'}{folds})"
         row["test_set"] = " ".join(filter(None, [row["test_split"] or "test", f"of {dataset}" if dataset else "",
                                                   f"({count:,} faces)" if isinstance(count, int) else ""]))
         keys[row["run"]] = (row["test_split"], source.get("fingerprint") or source.get("path"),
@@ -198,5 +279,10 @@ def compare_table(rows: list[dict]) -> tuple[list[str], list[list]]:
 def probe_table(result: dict) -> tuple[list[str], list[list]]:
     """Headers and cells of `fercache probe`'s table."""
     headers = ["layer", "dim", "train accuracy", "val accuracy", "test accuracy", "95% interval"]
-    return headers, [[str(r["layer"]), r["dim"], r["train_accuracy"], r["val_accuracy"], r["test_accuracy"],
-                      interval(r, "test_accuracy")] for r in result["layers"]]
+    cells = [[str(r["layer"]), r["dim"], r["train_accuracy"], r["val_accuracy"], r["test_accuracy"],
+              interval(r, "test_accuracy")] for r in result["layers"]]
+    if any(r.get("test_unseen_count") for r in result["layers"]):  # known, and some test face has no copy in train
+        headers += ["no copy in train", "95% interval"]
+        for row, r in zip(cells, result["layers"]):
+            row += [r["test_unseen_accuracy"], interval(r, "test_unseen_accuracy")]
+    return headers, cells

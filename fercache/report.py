@@ -1,4 +1,4 @@
-"""What people read: plain-text tables, classification metrics and PNG plots."""
+"""What people read: plain-text tables and PNG plots (the figures they show are computed in `stats`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from fercache.stats import classification_metrics  # noqa: F401  (moved to stats; the old name still works)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -39,26 +41,19 @@ def with_interval(figures: dict, key: str) -> str:
     return f"{figures[key]:.4f} {interval(figures, key)}".rstrip()
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows = true).
-
-    Every class counts, present or not (zero where a class is never predicted or never true), so
-    figures from a `--limit` run compare with full ones.
-    """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                                     zero_division=0)
-    present = support > 0
-    return {
-        "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
-        "balanced_accuracy": float(recall[present].mean()),  # mean recall over the classes that occur
-        "macro_f1": float(f1.mean()),
-        "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
+def unseen_line(figures: dict) -> str:
+    """The CLI's line on the test faces that have no copy in train (`stats.unseen_figures`)."""
+    count = figures.get("test_unseen_count")
+    if count is None:
+        return "test faces with no copy in train: unknown (the source the cache names is not at hand)"
+    line = (f"test faces with no copy in train: accuracy {with_interval(figures, 'test_unseen_accuracy')} on {count:,}"
+            if count else "every test face has a copy in train: no test_unseen_accuracy")
+    left_out = figures.get("train_with_test_copy", figures.get("excluded"))
+    if figures.get("exclude_duplicates"):
+        line += f" (--exclude-duplicates: {left_out:,} faces with a copy across train and test left out)"
+    elif left_out:
+        line += f" ({left_out:,} train faces copy a test face; --exclude-duplicates leaves them out)"
+    return line
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,

@@ -8,8 +8,10 @@ link, analytics, MCP server, PWA, monitoring or server-side rendering, and no we
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,18 @@ def _gradio():
     except ImportError:
         raise UserError("fercache serve needs Gradio: pip install 'fercache[serve]'") from None
     return gradio
+
+
+def _shown(gr, handler: Callable) -> Callable:
+    """`handler` with a `UserError` (an unreadable upload) raised as `gr.Error`, which the page shows as it
+    is: with `show_error=False`, any other exception shows only "Error"."""
+    @functools.wraps(handler)
+    def said(*args):
+        try:
+            return handler(*args)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+    return said
 
 
 def build_page(scorer: Scorer, title: str):
@@ -57,8 +71,9 @@ def build_page(scorer: Scorer, title: str):
                 camera = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="camera")
                 shown = gr.Image(label="faces", interactive=False)
             camera_faces = gr.JSON(label="probabilities")
-            camera.stream(frame, camera, [shown, camera_faces], api_name="frame", stream_every=STREAM_EVERY,
-                          trigger_mode="always_last", concurrency_limit=1, concurrency_id="model",
+            camera.stream(_shown(gr, frame), camera, [shown, camera_faces], api_name="frame",
+                          stream_every=STREAM_EVERY, trigger_mode="always_last", concurrency_limit=1,
+                          concurrency_id="model",
                           show_progress="hidden")  # a slow CPU skips frames rather than queueing them
         with gr.Tab("Upload"):
             with gr.Row():
@@ -66,8 +81,8 @@ def build_page(scorer: Scorer, title: str):
                 photo = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None, label="photo")
                 labelled = gr.Image(label="faces", interactive=False)
             photo_faces = gr.JSON(label="probabilities")
-            photo.change(upload, photo, [labelled, photo_faces], api_name="label", concurrency_limit=1,
-                         concurrency_id="model")
+            photo.change(_shown(gr, upload), photo, [labelled, photo_faces], api_name="label",
+                         concurrency_limit=1, concurrency_id="model")
     return page
 
 

@@ -1,11 +1,15 @@
-"""How sure a figure is: bootstrap intervals, a paired test between runs, calibration, few-shot draws.
+"""Every figure of a run, in one place: classification metrics, bootstrap intervals, a paired
+test between runs, calibration, few-shot draws, and the report of one split built from them.
 
 Everything is plain numpy and vectorised over resamples: a thousand bootstrap resamples of the
 7,178 test faces take well under a second. Every function returns a flat dict (or a list of
-index arrays), ready for `metrics.json`. Same seed, same numbers.
+index arrays), ready for `metrics.json`. Same seed, same numbers. (`report` draws them, `html`
+lays them out, `runs` writes them into a run folder.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,6 +42,7 @@ def intervals(y_true: np.ndarray, y_pred: np.ndarray, *, resamples: int = RESAMP
     "macro_f1", ..., "balanced_accuracy", ..., "resamples", "level"}`.
     """
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    k = max(k, int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1)  # a dataset of more classes
     n = len(y_true)
     cell = y_true * k + y_pred
     rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n), dtype=np.int32)
@@ -54,6 +59,85 @@ def intervals(y_true: np.ndarray, y_pred: np.ndarray, *, resamples: int = RESAMP
         low, high = np.percentile(samples, [tail, 100 - tail])
         out.update({name: float(value), f"{name}_low": float(low), f"{name}_high": float(high)})
     return {**out, "resamples": resamples, "level": level}
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support, confusion (rows = true).
+
+    Every class counts, present or not (zero where a class is never predicted or never true), so
+    figures from a `--limit` run compare with full ones.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=0)
+    present = support > 0
+    return {
+        "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
+        "balanced_accuracy": float(recall[present].mean()),  # mean recall over the classes that occur
+        "macro_f1": float(f1.mean()),
+        "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def score_predictions(y: np.ndarray, pred: np.ndarray, loss: float, classes: list[str], split: str,
+                      usage: list[str] | None = None) -> dict:
+    """The report of any model's predictions on one split (a head's, or a tuned model's).
+
+    Every figure comes with its 95% bootstrap interval (`<figure>_low`, `<figure>_high`, see
+    `intervals`), always drawn with the same bootstrap seed, whatever the fit's, so that
+    `evaluate` reproduces `fit`'s intervals exactly. With the rows' usage (`cache.usage_of`) and more
+    than one usage among them, also the figures of each part: `public_test_accuracy` (and
+    `_macro_f1`, intervals) for the test split.
+    """
+    out = {"split": split, "count": len(y), "loss": loss, **classification_metrics(y, pred, classes),
+           **_bounds(intervals(y, pred, k=len(classes)))}
+    if usage is not None and len(set(usage)) > 1:
+        usage_arr = np.array(usage)
+        for part in sorted(set(usage)):
+            mask = usage_arr == part
+            figures = intervals(y[mask], pred[mask], k=len(classes))
+            out.update({f"{part}_{k}": figures[k] for k in INTERVAL_KEYS})
+    return out
+
+
+INTERVAL_KEYS = tuple(f"{name}{end}" for name in ("accuracy", "macro_f1", "balanced_accuracy")
+                      for end in ("", "_low", "_high"))
+
+
+def _bounds(figures: dict) -> dict:
+    """The interval ends of `intervals` (the point figures are classification_metrics')."""
+    return {k: figures[k] for k in INTERVAL_KEYS if k.endswith(("_low", "_high"))}
+
+
+def test_figures(report: dict) -> dict:
+    """`metrics.json`'s test keys from a `score_predictions` report: `test_accuracy` (and its
+    interval), `macro_f1`, `balanced_accuracy`, each half's figures, loss, per class, confusion."""
+    renamed = {f"test_{k}" if k.startswith("accuracy") else k: report[k] for k in INTERVAL_KEYS}
+    halves = {k: v for k, v in report.items() if k.startswith(("public_test_", "private_test_"))}
+    if report["split"] in ("public_test", "private_test"):  # one half was the test set (--val public_test)
+        halves.update({f"{report['split']}_{k}": report[k] for k in INTERVAL_KEYS})
+    return {**renamed, "public_test_accuracy": None, "private_test_accuracy": None, **halves,
+            "test_loss": report["loss"], "per_class": report["per_class"], "confusion": report["confusion"]}
+
+
+UNSEEN_KEYS = ("test_unseen_accuracy", "test_unseen_accuracy_low", "test_unseen_accuracy_high", "test_unseen_count")
+
+
+def unseen_figures(y: np.ndarray, pred: np.ndarray, seen: np.ndarray | None) -> dict:
+    """Accuracy, with its 95% interval (`intervals`, same seed), and count of the test rows that have no
+    copy in train (`seen` masks those that have one): what a model scores on faces it cannot have
+    memorised. All None where the copies are unknown; the accuracy is None where every row has one."""
+    if seen is None:
+        return dict.fromkeys(UNSEEN_KEYS)
+    unseen = ~np.asarray(seen, dtype=bool)
+    n = int(unseen.sum())
+    figures = intervals(np.asarray(y)[unseen], np.asarray(pred)[unseen]) if n else {}
+    return {"test_unseen_accuracy": figures.get("accuracy"), "test_unseen_accuracy_low": figures.get("accuracy_low"),
+            "test_unseen_accuracy_high": figures.get("accuracy_high"), "test_unseen_count": n}
 
 
 def mcnemar(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:

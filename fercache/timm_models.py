@@ -6,11 +6,17 @@ preprocessing is `resolve_data_config` + `create_transform`. The pooled feature 
 feature, `forward_head(forward_features(x), pre_logits=True)`. Block k's feature: for token towers
 (ViT, EVA, DeiT, ...) block k's tokens through the final norm and the same head (so the last
 block's is the pooled feature); for conv nets (ConvNeXt, ...) stage k's map averaged.
+
+Stage three (`finetune`) tunes the top blocks of a ViT or EVA (`tuning`): the blocks called as
+`forward_features` calls them (EVA's with its rotary embedding), then `head` on a copy of the final
+norm and pooling head.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -53,7 +59,56 @@ class TimmTower(Tower):
     def read(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim == 4:  # a stage's (B, C, H, W) map
             return h.mean((-2, -1))
-        return self.module.forward_head(self.module.norm(h), pre_logits=self.pre_logits)
+        return head(self.module, h, self.pre_logits)
+
+
+def head(model: torch.nn.Module, h: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+    """A token tower's block output read as its pooled feature is: the final norm, then its own `forward_head`."""
+    return model.forward_head(model.norm(h), pre_logits=pre_logits)
+
+
+# What `head` reads after the blocks (`head`, the classifier, only when OpenCLIP projects with it)
+HEAD_PARTS = ("norm", "fc_norm", "attn_pool")
+
+
+def tunable(model: torch.nn.Module, where: str) -> None:
+    """Stage three tunes timm's ViT and EVA (their blocks run in sequence, as `block_call` calls them)."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if type(model) not in (VisionTransformer, Eva):
+        raise UserError(f"{where} (timm {type(model).__name__}) is not a tower fercache can tune "
+                        "(timm ViT and EVA towers are, conv nets are not)")
+
+
+def rope_embed(model: torch.nn.Module) -> torch.Tensor:
+    """EVA's rotary embedding of the patch grid, as `_pos_embed` makes it, in float32 whatever the
+    model's dtype: its buffers are computed at init, never loaded, so they are rebuilt rather than
+    read back rounded from a bfloat16 model (a learnt one, `rope_mixed`, is read from the model)."""
+    rope = model.rope
+    if hasattr(rope, "reset_parameters") and not any(True for _ in rope.parameters()):
+        rope = copy.deepcopy(rope).float()
+        rope.reset_parameters()
+    fixed = hasattr(rope, "feat_shape") and not model.dynamic_img_size
+    with torch.no_grad():
+        return (rope.get_embed() if fixed else rope.get_embed(shape=model.patch_embed.grid_size)).float()
+
+
+def block_call(model: torch.nn.Module) -> Callable[[torch.nn.Module, int, torch.Tensor], torch.Tensor]:
+    """How `forward_features` calls block `index` (0-based) on tokens (eval, no mask): EVA's with its
+    rotary embedding (one per block when `rope_mixed`), a ViT's (or a rope-less EVA's) on the tokens alone."""
+    if getattr(model, "rope", None) is None:
+        return lambda block, _index, h: block(h)
+    embed, mixed = rope_embed(model), getattr(model, "rope_mixed", False)
+    return lambda block, index, h: block(h, rope=embed[index] if mixed else embed)
+
+
+def tuning(model: torch.nn.Module, where: str):
+    """Stage three's view of a timm ViT or EVA (`finetune.LibraryTower`); another model: a one-line error."""
+    from fercache.finetune import LibraryTower
+
+    tunable(model, where)
+    return LibraryTower(model, "blocks", HEAD_PARTS, block_call(model), head, model.embed_dim)
 
 
 def open(folder: Path, dtype: torch.dtype, weights: bool) -> TimmTower:  # noqa: A001 (the backend protocol)

@@ -112,14 +112,14 @@ def predict_video(head_dir: str | os.PathLike, video: str | os.PathLike, out: st
     if fps is not None and fps <= 0:
         raise UserError(f"--fps must be positive, not {fps}")
     capture = cv2.VideoCapture(str(video))
-    ok, bgr = capture.read() if capture.isOpened() else (False, None)
+    ok, bgr = capture.read() if capture.isOpened() else (False, None)  # frame 0, sampled whatever --fps
     if not ok:
         raise UserError(f"{video}: not a readable video (OpenCV could not decode a frame)")
     source_fps = capture.get(cv2.CAP_PROP_FPS)
     if not source_fps or source_fps <= 0 or source_fps > 1000:
         warn(f"{video}: no frame rate recorded; assuming 25 frames/s")
         source_fps = 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    total = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))) or None  # streams say -1 or 0: unknown
     scorer = Scorer(head_dir, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,16 +137,21 @@ def predict_video(head_dir: str | os.PathLike, video: str | os.PathLike, out: st
                   dynamic_ncols=True) as bar:
             while ok:
                 if sampled(index, fps, source_fps):
+                    if bgr is None:  # only sampled frames are decoded; `grab` just steps over the others
+                        ok, bgr = capture.retrieve()
+                        if not ok:
+                            break
                     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                     faces = label_faces(scorer, Image.fromarray(rgb))
                     tracks = tracker.assign([f["box"] for f in faces])
-                    base = {"frame": index, "time_s": round(index / source_fps, 3)}
+                    # the frame's own timestamp: index / frame rate is wrong for a variable frame rate
+                    base = {"frame": index, "time_s": round(capture.get(cv2.CAP_PROP_POS_MSEC) / 1000, 3)}
                     rows += [{**base, "track": t, "face": f} for t, f in zip(tracks, faces)] or [{**base}]
                     if writer is not None:
                         writer.write(cv2.cvtColor(draw_faces(rgb, faces), cv2.COLOR_RGB2BGR))
                     frames += 1
                     bar.update()
-                ok, bgr = capture.read()
+                ok, bgr = capture.grab(), None
                 index += 1
     finally:
         capture.release()

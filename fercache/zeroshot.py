@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 from fercache.backends import Backend, backend_of
 from fercache.checkpoint import resolve
-from fercache.data import open_source
 from fercache.encoder import pick_device
 from fercache.errors import UserError, at_least_one, first_line
-from fercache.names import CLASSES, DEFAULT_MODEL, PIXELS
+from fercache.names import CLASSES, DEFAULT_MODEL, IMAGES, PIXELS, choice
 from fercache.preprocess import Preprocessor, recipe_for
 
 # CLIP's prompts for FER2013 (openai/CLIP, data/prompts.md) and the class names they were written
@@ -38,6 +37,16 @@ TEMPLATES: tuple[str, ...] = (
     "look at how {c} they are.",
 )
 CLASS_NAMES: tuple[str, ...] = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
+# The same words for every canonical expression, so any dataset's classes get CLIP's prompts
+# (a generic folder's class of no known expression is prompted by its own name).
+PROMPT_NAMES: dict[str, str] = {"anger": "angry", "disgust": "disgusted", "fear": "fearful", "happiness": "happy",
+                                "sadness": "sad", "surprise": "surprised", "neutral": "neutral",
+                                "contempt": "contemptuous"}
+
+
+def prompt_names(canonical: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The word each class is prompted with: CLIP's FER2013 adjective for its expression."""
+    return tuple(PROMPT_NAMES.get(c, c) for c in canonical)
 
 
 @dataclass
@@ -49,16 +58,20 @@ class ZeroShotResult:
     ids: list[str]
     labels: np.ndarray
     pred: np.ndarray
-    scores: np.ndarray  # (N, 7) cosine similarity of each face to each class
+    scores: np.ndarray  # (N, K) cosine similarity of each face to each class
     revision: str = ""  # the hub commit the model was loaded at ("" for a local folder)
+    classes: tuple[str, ...] = CLASSES  # the dataset's classes, in label order
+    names: tuple[str, ...] = CLASS_NAMES  # the word each class was prompted with
+    dataset: str = "fer2013"
 
     def summary(self) -> dict:
         """Accuracy and per-class recall (the JSON of `fercache zeroshot`)."""
         recall = {c: float(np.mean(self.pred[self.labels == i] == i)) if np.any(self.labels == i) else None
-                  for i, c in enumerate(CLASSES)}
-        return {"model": self.model, "revision": self.revision, "split": self.split, "count": len(self.ids),
-                "accuracy": float(np.mean(self.pred == self.labels)), "per_class_recall": recall,
-                "templates": list(TEMPLATES), "class_names": dict(zip(CLASSES, CLASS_NAMES))}
+                  for i, c in enumerate(self.classes)}
+        return {"model": self.model, "revision": self.revision, "dataset": self.dataset, "split": self.split,
+                "count": len(self.ids), "accuracy": float(np.mean(self.pred == self.labels)),
+                "per_class_recall": recall, "templates": list(TEMPLATES),
+                "class_names": dict(zip(self.classes, self.names))}
 
 
 def _features(out) -> torch.Tensor:
@@ -127,10 +140,10 @@ def _library_clip(backend: Backend, model: str, device: torch.device, revision: 
 
 
 @torch.inference_mode()
-def class_embeddings(towers: TwoTowers) -> torch.Tensor:
-    """(7, P): per class, the mean of its prompts' normalised text embeddings, normalised again."""
+def class_embeddings(towers: TwoTowers, names: tuple[str, ...] = CLASS_NAMES) -> torch.Tensor:
+    """(K, P): per class, the mean of its prompts' normalised text embeddings, normalised again."""
     rows = []
-    for name in CLASS_NAMES:
+    for name in names:
         emb = towers.text([t.format(c=name) for t in TEMPLATES])
         rows.append(torch.nn.functional.normalize(emb, dim=-1).mean(0))
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
@@ -138,21 +151,29 @@ def class_embeddings(towers: TwoTowers) -> torch.Tensor:
 
 def zeroshot(data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
              model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 64,
-             progress: bool = True, revision: str | None = None) -> ZeroShotResult:
-    """Classify a split of FER2013 with CLIP's text prompts alone (no training)."""
+             progress: bool = True, revision: str | None = None, dataset: str | None = None,
+             classes: str | None = None, votes: str | os.PathLike | None = None,
+             images: str = "gray48") -> ZeroShotResult:
+    """Classify a split of any dataset (FER2013 by default) with CLIP's text prompts alone (no
+    training), each class prompted by its expression's word; `images` as `extract` takes it."""
+    from fercache.datasets import open_dataset
+
     at_least_one(batch_size=batch_size, limit=limit)
-    source = open_source(data)  # the index only: a wrong path fails before the model loads
+    choice(images, IMAGES, "--images")
+    source = open_dataset(data, dataset, classes, votes)  # the index only: a wrong path fails before the model loads
     dev = pick_device(device)
     towers = load_clip(model, dev, revision)
-    images = source.load(split, limit=limit)
-    text = class_embeddings(towers)
+    names = prompt_names(source.canonical)
+    faces = source.load(split, limit=limit, native=images == "native")
+    text = class_embeddings(towers, names)
     scores = []
-    with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=f"zeroshot {split}",
+    with torch.inference_mode(), tqdm(total=len(faces), unit="img", desc=f"zeroshot {split}",
                                       disable=not progress, dynamic_ncols=True) as bar:
-        for i in range(0, len(images), batch_size):
-            batch = images.pixels[i:i + batch_size]
+        for i in range(0, len(faces), batch_size):
+            batch = faces.pixels[i:i + batch_size]
             emb = towers.image(towers.prep(batch))
             scores.append((torch.nn.functional.normalize(emb, dim=-1) @ text.T).float().cpu().numpy())
             bar.update(len(batch))
     scores_np = np.concatenate(scores)
-    return ZeroShotResult(model, split, images.ids, images.labels, scores_np.argmax(1), scores_np, towers.revision)
+    return ZeroShotResult(model, split, faces.ids, faces.labels, scores_np.argmax(1), scores_np, towers.revision,
+                          tuple(source.classes), names, source.dataset)

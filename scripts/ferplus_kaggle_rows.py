@@ -6,11 +6,14 @@ as a lossless PNG (`fer2013new.csv` says which row each PNG name is), and each K
 those faces after lossy compression (1-2 gray levels apart). Each JPEG is matched, within its usage,
 to the PNG nearest in pixels; a match is kept when it is close (mean absolute difference under
 MATCH) and unique: no other distinct face within MARGIN of it. FER2013 holds many faces twice (or
-more) with the same pixels: k Kaggle files matching k identical rows are paired in name order, since
-any pairing gives the same faces (only their FER+ votes differ, and each row's votes go to one of its
-k identical files); if the counts differ (one of the copies is a row FER+ gave no image), none is
-kept. Rows without a PNG (FER+ found no face there) cannot be matched by pixels. Kaggle numbers do
-not follow row order (Spearman ~0), so order cannot break ties.
+more) with the same pixels: k Kaggle files matching k identical rows are paired in name order. Any
+pairing gives the same faces, not necessarily the same votes: identical rows are separate fer2013.csv rows,
+each with FER+ votes of its own, so where they differ a file gets one of its copies' votes, chosen by
+name order, not by what its annotators saw. The script counts those faces: none with the real data,
+whose identical rows all carry identical votes except two rows that share one FER+ file name (left
+out below). If the counts differ (one of the copies is a row FER+ gave no image), none is kept.
+Rows without a PNG (FER+ found no face there) cannot be matched by pixels. Kaggle numbers do not
+follow row order (Spearman ~0), so order cannot break ties.
 
     python scripts/ferplus_kaggle_rows.py ../shared/data/fer2013.zip ../shared/data/ferplus [--out fercache/ferplus_kaggle_rows.csv.xz]
 
@@ -33,15 +36,18 @@ from sklearn.neighbors import NearestNeighbors
 from fercache.data import USAGES, open_source
 from fercache.datasets import read_ferplus_votes
 
+DIFFERING = "of the matched, in a group of identical faces whose rows' FER+ votes differ (paired by name order)"
 MATCH = 4.0  # mean absolute gray-level difference under which a JPEG is that PNG's face
 MARGIN = 0.5  # the nearest face must be this much nearer than the next distinct one
 BLOCK = 6  # 48x48 -> 8x8 block means for the nearest-neighbour search
 
 
-def png_faces(ferplus: Path) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """fer2013.csv row -> its FER+ PNG pixels, and row -> usage, from images.zip and fer2013new.csv."""
+def png_faces(ferplus: Path) -> tuple[dict[int, np.ndarray], dict[int, str], dict[int, tuple[int, ...]]]:
+    """fer2013.csv row -> its FER+ PNG pixels, row -> usage and row -> FER+ votes, from images.zip and
+    fer2013new.csv."""
     rows = read_ferplus_votes(ferplus / "fer2013new.csv")
     usage = {i: USAGES[u] for i, (u, _, _) in enumerate(rows)}
+    votes = {i: v for i, (_, _, v) in enumerate(rows)}
     by_name = defaultdict(list)
     for i, (_, name, _) in enumerate(rows):
         if name:
@@ -52,7 +58,7 @@ def png_faces(ferplus: Path) -> tuple[dict[int, np.ndarray], dict[int, str]]:
             name = member.rsplit("/", 1)[-1]
             for i in by_name.get(name, []):  # a name given to two rows: both rows get its pixels (ambiguous)
                 faces[i] = cv2.imdecode(np.frombuffer(z.read(member), np.uint8), cv2.IMREAD_GRAYSCALE)
-    return faces, usage
+    return faces, usage, votes
 
 
 def blocks(pixels: np.ndarray) -> np.ndarray:
@@ -62,9 +68,9 @@ def blocks(pixels: np.ndarray) -> np.ndarray:
 
 def match(kaggle_zip: Path, ferplus: Path) -> tuple[dict[str, int], Counter, list[str]]:
     """Kaggle file name -> row, the counts of faces left out by reason, and one note per face left out."""
-    faces, usage = png_faces(ferplus)
+    faces, usage, votes = png_faces(ferplus)
     source = open_source(kaggle_zip)
-    table, why, notes = {}, Counter(), []
+    table, why, notes = {}, Counter({DIFFERING: 0}), []  # DIFFERING said even when none
     for split in ("train", "public_test", "private_test"):
         jpegs = source.load(split)
         groups = defaultdict(list)  # rows holding the same pixels (FER2013 has many duplicate faces)
@@ -89,10 +95,12 @@ def match(kaggle_zip: Path, ferplus: Path) -> tuple[dict[str, int], Counter, lis
                 claims[keys[cand[order[0]]]].append(jpegs.ids[j].rsplit(".", 1)[0])
         for key, names in claims.items():
             rows = groups[key]
-            if len(names) == len(rows):  # k identical faces, k rows: every pairing gives the same faces and votes
+            if len(names) == len(rows):  # k identical faces, k rows: any pairing gives the same faces
                 table.update(zip(sorted(names), rows))
                 if len(rows) > 1:
                     why[f"matched as a group of identical faces ({len(rows)} files, {len(rows)} rows)"] += len(rows)
+                if len({votes[r] for r in rows}) > 1:  # but not the same votes: name order picks whose
+                    why[DIFFERING] += len(rows)
             else:
                 why["ambiguous: k identical faces in Kaggle, m != k rows in FER+ (two rows share one FER+ name)"] += len(names)
                 notes.append(f"ambiguous {', '.join(names)}: {len(names)} files, rows {', '.join(map(str, rows))}")

@@ -43,11 +43,76 @@ def real_zip() -> Path:
     return REAL_ZIP
 
 
-def cli(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m fercache ARGS...` in a fresh process, as a user runs it (exit code, stdout, stderr)."""
-    path = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))  # the workaround above
-    return subprocess.run([sys.executable, "-m", "fercache", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": path})
+def cli(*args: object, cwd: Path | None = None, env: dict | None = None,
+        fresh: bool = False) -> subprocess.CompletedProcess:
+    """`fercache ARGS...` as a user runs it: its exit code, stdout and stderr.
+
+    By default in this process, through the console entry point itself (`fercache.cli.main`, which
+    turns user errors into one line and exit 2): a fresh interpreter would import torch and
+    transformers again for each of the suite's CLI calls. With `env` (libraries such as
+    huggingface_hub read their variables at import) or `fresh`, in a new process.
+    """
+    if env is not None or fresh:
+        path = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))  # the workaround above
+        return subprocess.run([sys.executable, "-m", "fercache", *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": path})
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from fercache import cache
+    from fercache.cli import main
+
+    out, err, here, argv, locking = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv, cache.LOCKING
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["fercache", *map(str, args)]
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")  # each call warns anew, as a fresh process would
+            warnings.showwarning = (lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line)))  # not pytest's recorder
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # what a fresh process would print and exit 1 with
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cache.LOCKING = argv, locking
+        os.chdir(here)
+    return subprocess.CompletedProcess(["fercache", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def run_tiny(folder: Path, model: Path, per_split: dict[str, int], epochs: int):
+    """`fercache run` (Typer's runner) on a small FER2013 zip made in `folder`: cache `c.h5`, head in `run/`."""
+    from typer.testing import CliRunner
+
+    from fercache.cli import app
+
+    with zipfile.ZipFile(folder / "fer.zip", "w") as z:
+        for name, (data, _, _) in make_fer_layout(per_split).items():
+            z.writestr(name, data)
+    return CliRunner().invoke(app, ["run", "--data", str(folder / "fer.zip"), "--model", str(model), "--device", "cpu",
+                                    "--dtype", "float32", "--epochs", str(epochs), "--cache", str(folder / "c.h5"),
+                                    "--out", str(folder / "run")], catch_exceptions=False)
+
+
+def assert_half_precision_agrees(folder: Path, dtype: str, pixels) -> None:
+    """`dtype` features of every stored layer within a cosine of 0.999 of float32's (the README's promise)."""
+    import torch
+
+    from fercache.encoder import load_encoder
+
+    full = load_encoder(str(folder), "clip", "cpu", "float32", layers="all").encode(pixels)
+    half = load_encoder(str(folder), "clip", "cpu", dtype, layers="all")
+    assert half.identity.dtype == dtype and next(half.model.parameters()).dtype == getattr(torch, dtype)
+    for name, got in half.encode(pixels).items():
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got), torch.from_numpy(full[name]))
+        assert got.dtype == np.float32 and cos.min() >= 0.999, (name, cos.min().item())
 
 
 def save_tiny_clip(folder: Path, image_size: int = 224, layers: int = 2, seed: int = 0) -> Path:
@@ -100,6 +165,41 @@ def make_fer_layout(per_split: dict[str, int], seed: int = 0) -> dict[str, tuple
             prefix = "Training" if split == "train" else ("PublicTest" if i % 2 else "PrivateTest")
             files[f"{split}/{CLASSES[y]}/{prefix}_{1000 + i}.png"] = (_jpeg_free(p), p, int(y))
     return files
+
+
+def real_faces(real_zip: Path, n: int = 40) -> list[Image.Image]:
+    """The first `n` real FER2013 test faces labelled happy."""
+    with zipfile.ZipFile(real_zip) as z:
+        names = sorted(m for m in z.namelist() if m.startswith("test/happy/"))[:n]
+        return [Image.open(io.BytesIO(z.read(m))).convert("L") for m in names]
+
+
+def photo_with_face(real_zip: Path, size: tuple[int, int] = (640, 480), side: int = 220,
+                    at: tuple[int, int] = (210, 130)) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A photo-like colour picture: a gradient background with a real face pasted (the first of the real
+    faces the detector finds there), and where it was pasted."""
+    from fercache.predict import detect_faces
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    background = np.stack([60 + 80 * xx / w, 90 + 60 * yy / h, 140 - 40 * xx / w], -1).astype(np.uint8)
+    for face in real_faces(real_zip):
+        photo = Image.fromarray(background.copy())
+        photo.paste(face.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), at)
+        boxes = detect_faces(photo)
+        if boxes and abs(boxes[0][0] - at[0]) < side // 4 and abs(boxes[0][1] - at[1]) < side // 4:
+            return photo, (*at, side, side)
+    raise AssertionError(f"the detector found none of the real faces pasted {side} px large into a {w}x{h} photo")
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tmp_path_factory, tiny_model) -> Path:
+    """A head fitted through `fercache run` on the tiny random CLIP over a small fake FER2013 zip (once a session:
+    `serve` and `predict --video` score with it)."""
+    folder = tmp_path_factory.mktemp("tiny-head")
+    result = run_tiny(folder, tiny_model, {"train": 14, "test": 7}, epochs=2)
+    assert result.exit_code == 0, result.output
+    return folder / "run"
 
 
 @pytest.fixture

@@ -88,15 +88,27 @@ def test_a_job_whose_cache_another_job_made_meanwhile_is_refused_at_commit(fer_z
     monkeypatch.setattr(fercache.extract, "commit", a_commits_first)
     b = dict(data=other_zip(tmp_path)) if differs == "data" else dict(data=fer_zip, preprocess="seed")
     with pytest.raises(UserError, match=r"c.h5 differs from what is asked \((dataset|preprocess) .*another job "
-                                        r"wrote it since this one started") as err:
+                                        r"wrote it since this one started; .*: move or delete .*c.h5 and rerun the "
+                                        r"same command, which reuses them \(not --force") as err:
         extract(split="test", model=str(tiny_model), cache=cache, **b, **ARGS)  # job B
     assert "\n" not in str(err.value)
     with h5py.File(cache) as f:  # A's cache, untouched
         assert list(f) == ["train"] and f.attrs["preprocess"] == "clip"
         assert json.loads(f.attrs["source"])["path"] == str(fer_zip)
-    part = part_path(cache, "test")
+    part, rows = part_path(cache, "test"), (6 if differs == "data" else 14)
     with h5py.File(part) as f:  # B's rows kept, finished, for a rerun elsewhere
-        assert bool(f.attrs["done"]) and int(f.attrs["rows"]) == (6 if differs == "data" else 14)
+        assert bool(f.attrs["done"]) and int(f.attrs["rows"]) == rows
+    # B's command again before following the advice: refused up front, with the same advice
+    with pytest.raises(UserError, match=r"finished rows of this command wait in .*: move or delete .*c.h5"):
+        extract(split="test", model=str(tiny_model), cache=cache, **b, **ARGS)
+    # the advice, followed: A's cache moved aside, B's same command again reuses its finished rows
+    cache.rename(tmp_path / "a.h5")
+    decoded = decodes(monkeypatch)
+    summary = extract(split="test", model=str(tiny_model), cache=cache, **b, **ARGS)[0]
+    assert decoded == [[]] and (summary.count, summary.resumed) == (rows, rows)
+    assert load_embeddings(cache, "test").ids and not part.exists()
+    with h5py.File(tmp_path / "a.h5") as f:  # A's split, moved, whole
+        assert list(f) == ["train"]
 
 
 @pytest.mark.parametrize("value, dtype, advice", [

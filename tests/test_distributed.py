@@ -21,7 +21,8 @@ import torch
 import fercache.extract
 from fercache.cache import describe_cache, load_embeddings, usage_of
 from fercache.data import Source
-from fercache.distributed import rank_device
+import fercache.distributed
+from fercache.distributed import RankFailed, _join, _PeerFailed, rank_device, refuse_shared_gpus, step
 from fercache.errors import UserError
 from fercache.extract import extract
 from fercache.pipeline import run as run_all
@@ -170,7 +171,8 @@ def simulate_gpus(monkeypatch, visible: int, local_rank: str | None, local_world
     # SLURM --gpus-per-task 1 (or CUDA_VISIBLE_DEVICES set per rank) under a torchrun of 4 ranks:
     # each rank sees only its own GPU, as device 0
     (1, "3", "4", "3", "cuda:0"),
-    (1, "3", "4", "0", "cuda:0"),  # SLURM with device cgroups: every task's own GPU is its "0"
+    (1, "3", "4", "0", "cuda:0"),  # SLURM with device cgroups: every task's own GPU is its "0" (or, exported
+    # to all ranks, the machine's one GPU shared: only its UUID tells, once joined, `refuse_shared_gpus`)
     (8, "3", "8", None, "cuda:3"),  # one torchrun per machine, every GPU visible: the one at the local rank
     (1, "0", "1", None, "cuda:0"),
     (1, None, None, None, "cuda:0"),
@@ -191,6 +193,56 @@ def test_more_ranks_than_visible_gpus_is_refused(monkeypatch, visible, local_ran
     simulate_gpus(monkeypatch, visible, local_rank, local_world, cuda_visible)
     with pytest.raises(UserError, match=f"local rank {local_rank} has no GPU of its own"):
         rank_device("cuda")
+
+
+def ranks_on_gpus(monkeypatch, uuids: list[str]) -> None:
+    """This process as rank 0 of len(uuids), on one machine, each rank's GPU of the given UUID (CUDA simulated)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid=uuids[0]))
+    monkeypatch.setattr(fercache.distributed, "_gather", lambda mine: [(mine[0], mine[1] and u) for u in uuids])
+
+
+def test_ranks_sharing_one_gpu_are_refused_once_joined(monkeypatch):
+    """`export CUDA_VISIBLE_DEVICES=0; torchrun --nproc-per-node 4`: every rank sees one GPU, its "0", which
+    `rank_device` cannot tell from SLURM's one GPU per task; the GPUs' UUIDs, gathered, can."""
+    simulate_gpus(monkeypatch, 1, "0", "4", "0")
+    device = rank_device("cuda")
+    ranks_on_gpus(monkeypatch, ["aaaa-1"] * 4)
+    with pytest.raises(UserError, match=r"^ranks 0 and 1 share one GPU on .* \(GPU-aaaa-1\): start at most one "
+                                        r"rank per GPU"):
+        refuse_shared_gpus(device)
+    ranks_on_gpus(monkeypatch, ["aaaa-1", "bbbb-2", "cccc-3", "dddd-4"])  # SLURM: each task's own "0"
+    refuse_shared_gpus(device)
+    ranks_on_gpus(monkeypatch, ["aaaa-1"] * 4)
+    refuse_shared_gpus("cpu")  # CPU ranks share the machine's cores by design
+
+
+@pytest.mark.parametrize("drop, set_to, said", [
+    ("MASTER_ADDR", {}, "environment variable MASTER_ADDR expected, but not set"),
+    (None, {"MASTER_PORT": "notaport"}, "invalid literal for int()"),
+])
+def test_a_missing_or_malformed_master_address_is_one_line(monkeypatch, drop, set_to, said):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
+                        **set_to}.items():
+        monkeypatch.setenv(name, value)
+    if drop:
+        monkeypatch.delenv(drop)
+    with pytest.raises(UserError, match="^rank 0 of 2 could not join the others at MASTER_ADDR") as err:
+        _join()
+    assert said in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_rank_stopped_by_another_ranks_flag_never_returns_normally(monkeypatch):
+    """Its shard is half done: even if no rank's gathered result says why, it must not go on as if finished."""
+    monkeypatch.setattr(fercache.distributed, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(fercache.distributed, "control_group", lambda: None)
+    monkeypatch.setattr(fercache.distributed, "_gather", lambda mine: [mine, (None, True)])
+    with pytest.raises(RankFailed, match="^rank 0: stopped because another rank flagged a failure"):
+        with step():
+            raise _PeerFailed()  # as `check_peers` raises it
+    with step():  # a step nobody stopped returns
+        pass
 
 
 def test_a_rank_that_cannot_join_says_so_within_the_join_timeout(tmp_path, fer_zip, tiny_model):
@@ -226,12 +278,13 @@ def test_a_user_error_ends_every_rank_with_one_line(tmp_path, fer_zip, tiny_mode
 
 
 def test_a_rank_stops_within_seconds_when_another_fails(tmp_path, fer_zip, tiny_model):
-    """Rank 1 cannot read its images; rank 0's shard would take 20 s (10 batches of 2 s). Rank 0
-    learns of it from `check_peers` in its encode loop and stops after a batch or two, not at
-    the end of its shard; both say rank 1's message, and rank 0's part stays for a rerun."""
+    """Rank 1 cannot read its images; rank 0's shard would take over 5 s (10 batches of 0.5 s). Rank 0
+    learns of it from `check_peers` (polling every 0.2 s here) in its encode loop and stops after a
+    batch or two, not at the end of its shard; both say rank 1's message, and rank 0's part stays."""
     script = tmp_path / "fail_early.py"
     script.write_text(textwrap.dedent("""
         import json, sys, time
+        import fercache.distributed
         from fercache.data import Source
         from fercache.distributed import RankFailed, torchrun_group
         from fercache.encoder import Encoder
@@ -240,10 +293,11 @@ def test_a_rank_stops_within_seconds_when_another_fails(tmp_path, fer_zip, tiny_
 
         data, model = sys.argv[1:3]
         batches = []
+        fercache.distributed.PEER_POLL_SECONDS = 0.2
         with torchrun_group("cpu") as (device, rank):
             if rank == 0:
                 tensors = Encoder.tensors
-                Encoder.tensors = lambda self, *a, **k: (batches.append(1), time.sleep(2), tensors(self, *a, **k))[2]
+                Encoder.tensors = lambda self, *a, **k: (batches.append(1), time.sleep(0.5), tensors(self, *a, **k))[2]
             else:
                 def unreadable(self, entries, *args, **kwargs):
                     with open("failed_at", "w") as f:
@@ -266,9 +320,9 @@ def test_a_rank_stops_within_seconds_when_another_fails(tmp_path, fer_zip, tiny_
     assert run.returncode == 0, run.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["said"] for r in ranks] == ["rank 1: rank 1's disk is gone"] * 2
-    # 21 train images in batches of 1: rank 0's shard is 10 batches, 20 s; it stops after 1-3
+    # 21 train images in batches of 1: rank 0's shard is 10 batches, over 5 s; it stops after 1-3
     after = ranks[0]["ended"] - float((tmp_path / "failed_at").read_text())
-    assert 1 <= ranks[0]["batches"] <= 3 and after < 8, (after, ranks)
+    assert 1 <= ranks[0]["batches"] <= 3 and after < 4, (after, ranks)
     assert (tmp_path / "c.h5.partial").is_dir() and not (tmp_path / "c.h5").exists()
 
 

@@ -17,7 +17,7 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import cli
+from conftest import assert_half_precision_agrees, cli
 from fercache.encoder import load_encoder
 from fercache.errors import UserError
 from fercache.preprocess import FILTERS, NEAREST, Preprocessor, Recipe, recipe_for
@@ -209,13 +209,7 @@ def test_auto_dtype_is_what_the_device_computes_natively(monkeypatch, device, na
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_half_precision_features_agree_with_float32(family, dtype, saved):
-    pixels = faces(8, seed=2)
-    full = load_encoder(str(saved[family]), "clip", "cpu", "float32", layers="all").encode(pixels)
-    half = load_encoder(str(saved[family]), "clip", "cpu", dtype, layers="all")
-    assert half.identity.dtype == dtype and next(half.model.parameters()).dtype == getattr(torch, dtype)
-    for name, got in half.encode(pixels).items():
-        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got), torch.from_numpy(full[name]))
-        assert got.dtype == np.float32 and cos.min() >= 0.999, (name, cos.min().item())
+    assert_half_precision_agrees(saved[family], dtype, faces(8, seed=2))
 
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import cli, make_fer_layout
+from conftest import cli, run_tiny
 from fercache.cache import cache_meta, load_embeddings, write_split
 from fercache.cli import app
 from fercache.data import CLASSES, to_gray48
@@ -182,13 +181,7 @@ def test_evaluate_refuses_another_model_or_dimension(easy, tmp_path):
 def tiny_run(tmp_path_factory, tiny_model) -> Path:
     """A head fitted through `fercache run` on a tiny random CLIP over a small FER2013 zip."""
     folder = tmp_path_factory.mktemp("tiny")
-    with zipfile.ZipFile(folder / "fer.zip", "w") as z:
-        for name, (data, _, _) in make_fer_layout({"train": 21, "test": 14}).items():
-            z.writestr(name, data)
-    result = CliRunner().invoke(app, ["run", "--data", str(folder / "fer.zip"), "--model", str(tiny_model),
-                                      "--device", "cpu", "--dtype", "float32", "--epochs", "3",
-                                      "--cache", str(folder / "c.h5"), "--out", str(folder / "run")],
-                                catch_exceptions=False)
+    result = run_tiny(folder, tiny_model, {"train": 21, "test": 14}, epochs=3)
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "head.safetensors" in result.output
     assert len(json.loads((folder / "run" / "metrics.json").read_text())["history"]) == 3

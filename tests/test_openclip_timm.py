@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 from timm.models import save_for_hf
 
-from conftest import cli
+from conftest import assert_half_precision_agrees, cli
 from fercache.data import open_source
 from fercache.encoder import load_encoder
 from fercache.errors import UserError
@@ -203,12 +203,7 @@ def test_a_timm_trunk_projected_either_way_reads_its_last_block_as_encode_image(
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", MODELS)
 def test_half_precision_features_agree_with_float32(name, dtype, saved, faces):
-    full = load_encoder(str(saved[name]), "clip", "cpu", "float32", layers="all").encode(faces)
-    half = load_encoder(str(saved[name]), "clip", "cpu", dtype, layers="all")
-    assert half.identity.dtype == dtype and next(half.model.parameters()).dtype == getattr(torch, dtype)
-    for feature, got in half.encode(faces).items():
-        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got), torch.from_numpy(full[feature]))
-        assert got.dtype == np.float32 and cos.min() >= 0.999, (feature, cos.min().item())
+    assert_half_precision_agrees(saved[name], dtype, faces)
 
 
 def test_convnext_has_no_tokens_and_a_missing_extra_is_named(saved, monkeypatch):

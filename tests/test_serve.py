@@ -3,59 +3,20 @@ to localhost, serves no extras, and fails in one line without Gradio or on a bus
 
 from __future__ import annotations
 
-import io
 import socket
 import subprocess
 import sys
 import time
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_fer_layout
+from conftest import photo_with_face, real_faces
 from fercache.cli import app
 from fercache.errors import UserError
 from fercache.predict import detect_faces, predict
-
-
-def fit_tiny_head(folder: Path, model: Path) -> Path:
-    """A head fitted through `fercache run` on a tiny random CLIP over a small fake FER2013 zip."""
-    with zipfile.ZipFile(folder / "fer.zip", "w") as z:
-        for name, (data, _, _) in make_fer_layout({"train": 14, "test": 7}).items():
-            z.writestr(name, data)
-    result = CliRunner().invoke(app, ["run", "--data", str(folder / "fer.zip"), "--model", str(model),
-                                      "--device", "cpu", "--dtype", "float32", "--epochs", "2",
-                                      "--cache", str(folder / "c.h5"), "--out", str(folder / "run")],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return folder / "run"
-
-
-def real_faces(real_zip: Path, n: int = 40) -> list[Image.Image]:
-    """The first `n` real FER2013 test faces labelled happy."""
-    with zipfile.ZipFile(real_zip) as z:
-        names = sorted(m for m in z.namelist() if m.startswith("test/happy/"))[:n]
-        return [Image.open(io.BytesIO(z.read(m))).convert("L") for m in names]
-
-
-def photo_with_face(real_zip: Path, size: tuple[int, int] = (640, 480), side: int = 220,
-                    at: tuple[int, int] = (210, 130)) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """A photo-like colour picture: a gradient background with a real face pasted large (the first of the real
-    faces the detector finds there), and where it was pasted."""
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    background = np.stack([60 + 80 * xx / w, 90 + 60 * yy / h, 140 - 40 * xx / w], -1).astype(np.uint8)
-    for face in real_faces(real_zip):
-        photo = Image.fromarray(background.copy())
-        photo.paste(face.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), at)
-        boxes = detect_faces(photo)
-        if boxes and abs(boxes[0][0] - at[0]) < side // 4 and abs(boxes[0][1] - at[1]) < side // 4:
-            return photo, (*at, side, side)
-    raise AssertionError("the detector found none of the real faces pasted into a photo")
 
 
 def free_port() -> int:
@@ -65,15 +26,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, tiny_model) -> Path:
-    return fit_tiny_head(tmp_path_factory.mktemp("serve"), tiny_model)
-
-
-@pytest.fixture(scope="module")
-def server(head):
+def server(tiny_head):
     """`fercache serve` in its own process, as a user starts it; its URL once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "fercache", "serve", "--head", str(head), "--port", str(free_port()),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fercache", "serve", "--head", str(tiny_head),
+                             "--port", str(free_port()), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         line = proc.stdout.readline()
@@ -86,7 +43,7 @@ def server(head):
         proc.wait(30)
 
 
-def test_page_gives_predicts_probabilities_for_a_real_face_and_a_photo(server, head, real_zip, tmp_path):
+def test_page_gives_predicts_probabilities_for_a_real_face_and_a_photo(server, tiny_head, real_zip, tmp_path):
     from gradio_client import Client, handle_file
 
     face = tmp_path / "face.png"
@@ -94,7 +51,7 @@ def test_page_gives_predicts_probabilities_for_a_real_face_and_a_photo(server, h
     photo, (x, y, w, h) = photo_with_face(real_zip)
     photo.save(tmp_path / "photo.jpg", quality=95)
     client = Client(server, verbose=False)
-    expected = predict(head, [face, tmp_path / "photo.jpg"], "cpu", detect_face=True)
+    expected = predict(tiny_head, [face, tmp_path / "photo.jpg"], "cpu", detect_face=True)
     for path, want in zip([face, tmp_path / "photo.jpg"], expected):
         shown, answer = client.predict(handle_file(str(path)), api_name="/label")
         first = answer["faces"][0]
@@ -107,17 +64,17 @@ def test_page_gives_predicts_probabilities_for_a_real_face_and_a_photo(server, h
     assert max(answer["faces"][0]["probs"].values()) < 1  # a random model: no class certain
 
 
-def test_webcam_frames_get_predicts_numbers_and_no_frame_gets_nothing(head, real_zip, tmp_path):
+def test_webcam_frames_get_predicts_numbers_and_no_frame_gets_nothing(tiny_head, real_zip, tmp_path):
     """The stream's handler, called as Gradio calls it (gradio_client cannot stream), on an RGB frame."""
     from fercache.predict import Scorer
     from fercache.serve import build_page
 
-    page = build_page(Scorer(head, "cpu"), "test")
+    page = build_page(Scorer(tiny_head, "cpu"), "test")
     frame = next(f.fn for f in page.fns.values() if f.api_name == "frame")
     photo, _ = photo_with_face(real_zip)
     photo.save(tmp_path / "frame.png")
     shown, answer = frame(np.asarray(photo))
-    [want] = predict(head, [tmp_path / "frame.png"], "cpu", detect_face=True)
+    [want] = predict(tiny_head, [tmp_path / "frame.png"], "cpu", detect_face=True)
     assert shown.shape == (480, 640, 3) and not np.array_equal(shown, np.asarray(photo))  # boxes drawn
     assert np.allclose(list(answer["faces"][0]["probs"].values()), list(want["probs"].values()), atol=1e-5)
     assert frame(None) == (None, {"faces": []})
@@ -140,19 +97,44 @@ def test_server_binds_localhost_and_serves_the_page_and_its_api_only(server):
     assert "fonts.googleapis" not in httpx.get(server + "theme.css").text
 
 
-def test_serve_without_gradio_names_the_extra(head, monkeypatch):
+def test_serve_without_gradio_names_the_extra(tiny_head, monkeypatch):
     from fercache.serve import serve
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     with pytest.raises(UserError, match=r"^fercache serve needs Gradio: pip install 'fercache\[serve\]'$"):
-        serve(head)
+        serve(tiny_head)
 
 
-def test_serve_on_a_busy_port_is_one_line(head):
+def test_serve_on_a_busy_port_is_one_line(tiny_head):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = CliRunner().invoke(app, ["serve", "--head", str(head), "--port", str(port)])
+        result = CliRunner().invoke(app, ["serve", "--head", str(tiny_head), "--port", str(port)])
     assert isinstance(result.exception, UserError)
     assert f"cannot serve on 127.0.0.1:{port}" in str(result.exception) and "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize("side", [150, 400])
+def test_a_face_in_a_large_photo_is_found_once_whatever_its_size(real_zip, side):
+    """A 4000x3000 photo: a 150 px face, which only the search at the photo's resolution finds, and a 400 px
+    one, which both searches find and which must come back as one box."""
+    photo, (x, y, w, h) = photo_with_face(real_zip, size=(4000, 3000), side=side, at=(2400, 1700))
+    [(bx, by, bw, bh)] = detect_faces(photo)
+    overlap = max(0, min(bx + bw, x + w) - max(bx, x)) * max(0, min(by + bh, y + h) - max(by, y))
+    assert overlap > 0.5 * w * h and bw < 2 * w
+
+
+def test_a_user_error_on_the_page_says_what_is_wrong(tiny_head, tmp_path):
+    """The server runs with show_error=False: only a `gr.Error` reaches the page with its message."""
+    import gradio as gr
+
+    from fercache.predict import Scorer
+    from fercache.serve import build_page
+
+    page = build_page(Scorer(tiny_head, "cpu"), "test")
+    upload = next(f.fn for f in page.fns.values() if f.api_name == "label")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(gr.Error, match="notes.png: not a readable image") as err:
+        upload(str(tmp_path / "notes.png"))
+    assert "\n" not in str(err.value)

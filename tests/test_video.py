@@ -12,17 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cli
+from conftest import cli, photo_with_face
 from fercache.cli import app
 from fercache.errors import UserError
 from fercache.predict import predict
-from fercache.video import IoUTracker, sampled
-from test_serve import fit_tiny_head, photo_with_face
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory, tiny_model) -> Path:
-    return fit_tiny_head(tmp_path_factory.mktemp("video"), tiny_model)
+from fercache.video import IoUTracker, predict_video, sampled
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> Path:
@@ -34,16 +28,17 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> Path:
     return path
 
 
-def test_video_gives_one_row_per_sampled_frame_with_predicts_numbers(head, real_zip, tmp_path):
-    photo, _ = photo_with_face(real_zip, size=(320, 240), side=120, at=(100, 60))
-    still = np.asarray(photo)
-    frames = [np.roll(still, 2 * i, axis=1) for i in range(20)]  # the face drifts right, 2 px a frame
-    video = write_video(tmp_path / "clip.mp4", frames)
-    done = cli("predict", "--head", head, "--video", video, "--fps", 5, "--device", "cpu", "--out", tmp_path / "out",
-               "--annotate", tmp_path / "labelled.mp4", "--json")
-    assert done.returncode == 0, done.stderr
-    assert "frame/s" in done.stderr  # the progress bar
-    summary = json.loads(done.stdout)
+@pytest.fixture(scope="module")
+def drifting_face(real_zip) -> list[np.ndarray]:
+    """20 RGB frames of a real face drifting right, 2 px a frame."""
+    still = np.asarray(photo_with_face(real_zip, size=(320, 240), side=120, at=(100, 60))[0])
+    return [np.roll(still, 2 * i, axis=1) for i in range(20)]
+
+
+def test_video_gives_one_row_per_sampled_frame_with_predicts_numbers(tiny_head, drifting_face, tmp_path):
+    video = write_video(tmp_path / "clip.mp4", drifting_face)
+    summary = predict_video(tiny_head, video, tmp_path / "out", fps=5, device="cpu",
+                            annotate=tmp_path / "labelled.mp4", progress=False)
     rows = list(csv.DictReader(open(tmp_path / "out" / "emotions.csv")))
     assert [int(r["frame"]) for r in rows] == list(range(0, 20, 2)) and summary["frames"] == 10
     assert [float(r["time_s"]) for r in rows] == [i / 10 for i in range(0, 20, 2)]
@@ -56,7 +51,7 @@ def test_video_gives_one_row_per_sampled_frame_with_predicts_numbers(head, real_
     for _ in range(int(found[0]["frame"]) + 1):
         ok, bgr = capture.read()
     cv2.imwrite(str(tmp_path / "frame.png"), bgr)
-    [want] = predict(head, [tmp_path / "frame.png"], "cpu", detect_face=True)
+    [want] = predict(tiny_head, [tmp_path / "frame.png"], "cpu", detect_face=True)
     assert found[0]["label"] == want["label"]
     assert np.allclose([float(found[0][c]) for c in want["probs"]], list(want["probs"].values()), atol=1e-5)
 
@@ -65,7 +60,61 @@ def test_video_gives_one_row_per_sampled_frame_with_predicts_numbers(head, real_
     assert labelled.get(cv2.CAP_PROP_FRAME_WIDTH) == 320
 
 
-def test_unreadable_video_no_face_and_mixed_inputs_are_one_line_errors(head, tmp_path):
+class VariableRateStream:
+    """A `cv2.VideoCapture` stand-in: a stream (frame count -1) at a nominal 10 frames/s whose frames
+    come at their own times (a variable frame rate), counting the frames it decodes."""
+
+    def __init__(self, frames: list[np.ndarray], times_ms: list[float]):
+        self.frames, self.times_ms, self.at, self.decoded = frames, times_ms, -1, []
+
+    def isOpened(self):
+        return True
+
+    def grab(self):
+        self.at += 1
+        return self.at < len(self.frames)
+
+    def retrieve(self):
+        self.decoded.append(self.at)
+        return True, cv2.cvtColor(self.frames[self.at], cv2.COLOR_RGB2BGR)
+
+    def read(self):
+        return self.retrieve() if self.grab() else (False, None)
+
+    def get(self, prop):
+        return {cv2.CAP_PROP_FPS: 10.0, cv2.CAP_PROP_FRAME_COUNT: -1.0,
+                cv2.CAP_PROP_POS_MSEC: self.times_ms[self.at]}[prop]
+
+    def release(self):
+        pass
+
+
+def test_a_variable_rate_stream_gets_its_frames_times_and_decodes_only_sampled_frames(tiny_head, drifting_face,
+                                                                                     tmp_path, monkeypatch):
+    import fercache.video
+
+    times = [sum(range(i + 1)) * 10.0 for i in range(20)]  # gaps of 10, 20, 30... ms
+    stream = VariableRateStream(drifting_face, times)
+    monkeypatch.setattr(fercache.video.cv2, "VideoCapture", lambda path: stream)
+    totals = []
+    real_tqdm = fercache.video.tqdm
+    monkeypatch.setattr(fercache.video, "tqdm", lambda *a, **k: (totals.append(k["total"]), real_tqdm(*a, **k))[1])
+    predict_video(tiny_head, "stream", tmp_path / "out", fps=2, device="cpu", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "emotions.csv")))
+    assert sorted({int(r["frame"]) for r in rows}) == [0, 5, 10, 15]
+    assert stream.decoded == [0, 5, 10, 15]  # the other frames only grabbed
+    assert sorted({float(r["time_s"]) for r in rows}) == [times[i] / 1000 for i in (0, 5, 10, 15)]
+    assert totals == [None]  # a stream's unknown length: a bar without a total
+
+
+def test_the_cli_labels_a_video_with_a_progress_bar(tiny_head, drifting_face, tmp_path):
+    video = write_video(tmp_path / "clip.mp4", drifting_face[:3])
+    done = cli("predict", "--head", tiny_head, "--video", video, "--device", "cpu", "--out", tmp_path / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "frame/s" in done.stderr and json.loads(done.stdout)["frames"] == 3
+
+
+def test_unreadable_video_no_face_and_mixed_inputs_are_one_line_errors(tiny_head, tmp_path):
     (tmp_path / "notes.mp4").write_text("not a video")
     blank = write_video(tmp_path / "blank.mp4", [np.full((120, 160, 3), 128, np.uint8)] * 4)
     cases = {
@@ -77,7 +126,7 @@ def test_unreadable_video_no_face_and_mixed_inputs_are_one_line_errors(head, tmp
         (): "predict takes image files or --video FILE",
     }
     for args, message in cases.items():
-        result = CliRunner().invoke(app, ["predict", "--head", str(head), "--device", "cpu",
+        result = CliRunner().invoke(app, ["predict", "--head", str(tiny_head), "--device", "cpu",
                                           "--out", str(tmp_path / "o"), *map(str, args)])
         assert isinstance(result.exception, UserError), (args, result.output)
         assert message in str(result.exception) and "\n" not in str(result.exception), args
