@@ -22,8 +22,9 @@ from fercache.names import (CLASS_WEIGHTS, DEFAULT_MODEL, METHODS, PREPROCESS, S
                             default_cache)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="FER2013 emotion recognition on cached frozen CLIP embeddings: "
-                       "stage one `extract`s once, stage two `fit`s in seconds.")
+                  help="Facial expression recognition on cached frozen encoder features (FER2013, FER+, CK+, "
+                       "JAFFE, RAF-DB, AffectNet, any labelled folder): stage one `extract`s once, stage two `fit`s "
+                       "in seconds.")
 
 # Options several commands share, defined once.
 DataOpt = typer.Option(None, "--data", help="FER2013 zip, folder or CSV [default: ./data or $FERCACHE_DATA]")

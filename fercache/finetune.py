@@ -71,8 +71,23 @@ def _call_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Stack:
+    """What every tower shares: its blocks, found by name in the model, and their number."""
+
+    module: nn.Module
+    blocks_name: str
+
+    @property
+    def blocks(self) -> nn.Module:
+        return _get(self.module, self.blocks_name)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+
 @dataclass
-class Tower:
+class Tower(_Stack):
     """A loaded vision tower seen as stem -> blocks -> final norm -> pooling, with the parts' names."""
 
     module: nn.Module
@@ -102,14 +117,6 @@ class Tower:
             raise UserError(f"{where} ({type(tower).__name__}) is not a ViT-like tower fercache can tune "
                             "(CLIP, SigLIP, DINOv2 and ViT are; so are OpenCLIP ViTs and timm ViT and EVA)")
         return cls(tower, blocks, norm, pooler)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return _get(self.module, self.blocks_name)
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
 
     def lower(self, pixel_values: torch.Tensor, first: int) -> torch.Tensor:
         """The tokens entering block `first + 1` (what `hidden_states[first]` holds): stem, then blocks 1..first."""
@@ -146,7 +153,7 @@ class _Stop(Exception):
 
 
 @dataclass
-class LibraryTower:
+class LibraryTower(_Stack):
     """An OpenCLIP or timm token tower, as its backend's `tuning` describes it.
 
     The lower part is the library's own forward, stopped once the tokens entering block `first + 1`
@@ -162,14 +169,6 @@ class LibraryTower:
     call: Callable[[nn.Module, int, torch.Tensor], torch.Tensor]  # (block, 0-based index, tokens) -> tokens
     read: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (tower or its head copy, last tokens) -> pooled
     dim: int  # the tokens' width
-
-    @property
-    def blocks(self) -> nn.Module:
-        return _get(self.module, self.blocks_name)
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
 
     @property
     def parts(self) -> dict[str, str]:

@@ -24,7 +24,9 @@ REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013.zi
 # imported, here and in the CLI's subprocesses. See envfix/sitecustomize.py; fercache has none of it.
 ENVFIX = Path(__file__).resolve().parent / "envfix"
 _spec = importlib.util.spec_from_file_location("fercache_tests_envfix", ENVFIX / "sitecustomize.py")
-_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+# kept in sys.modules: the op schemas it defines live only as long as the module does
+sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules[_spec.name])
 
 
 @pytest.fixture(autouse=True)
