@@ -27,6 +27,9 @@ _spec = importlib.util.spec_from_file_location("fercache_tests_envfix", ENVFIX /
 # kept in sys.modules: the op schemas it defines live only as long as the module does
 sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sys.modules[_spec.name])
+# and in every Python this session starts (CLI calls, torchrun ranks, servers): Python imports the
+# folder's `sitecustomize` at start-up
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +58,8 @@ def cli(*args: object, cwd: Path | None = None, env: dict | None = None,
     huggingface_hub read their variables at import) or `fresh`, in a new process.
     """
     if env is not None or fresh:
-        path = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))  # the workaround above
         return subprocess.run([sys.executable, "-m", "fercache", *map(str, args)], capture_output=True, text=True,
-                              cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": path})
+                              cwd=cwd, env={**os.environ, **(env or {})})
     import warnings
     from contextlib import redirect_stderr, redirect_stdout
 
