@@ -54,7 +54,7 @@ except ImportError:  # Windows: commits are not serialised there
 
 from fercache.errors import UserError, first_line, warn
 from fercache.identity import Identity, dataset_of
-from fercache.names import CANONICAL, CLASSES, SPLIT_CHOICES, VIEWS, choice, feature_name
+from fercache.names import SPLIT_CHOICES, VIEWS, choice, feature_name
 
 FORMAT_VERSION = 2  # 1: fercache 0.1.0 (no `model_weights`, no `format_version`); both read the same
 JSON_ATTRS = ("classes", "canonical", "layers", "tokens", "views", "source", "selection")
@@ -91,10 +91,8 @@ def cache_meta(identity: Identity, dim: int, source: dict | None = None, dataset
     The labels index `identity.classes` (FER2013's when it names none); `canonical` gives each
     class's canonical expression (what a head of another dataset is matched on).
     """
-    classes = identity.classes or CLASSES
-    if canonical is None:
-        canonical = CANONICAL if tuple(classes) == CLASSES else classes
-    return {**identity.to_meta(), "dim": dim, "classes": list(classes), "canonical": list(canonical),
+    _, classes, canonical = dataset_of({"classes": identity.classes, "canonical": canonical})
+    return {**identity.to_meta(), "dim": dim, "classes": classes, "canonical": canonical,
             "dataset": dataset, "fercache_version": fercache_version(), "format_version": FORMAT_VERSION,
             "source": source or {"fingerprint": identity.source}}
 
@@ -521,13 +519,7 @@ def _rows(cache: str | os.PathLike, split: str, name: str, missing: str) -> np.n
 
 def usage_of(cache: str | os.PathLike, split: str) -> list[str]:
     """Per-row usage (train, public_test, private_test) of a split, to report test halves apart."""
-    path = Path(cache)
-    with _open(path) as f:
-        out: list[str] = []
-        for group, usage in _groups(f, split, path):
-            rows = [u.decode() for u in group["usage"][:]]
-            out.extend(r for r in rows if usage is None or r == usage)
-        return out
+    return [u.decode() for u in _rows(cache, split, "usage", "no usage stored")]
 
 
 def describe_cache(cache: str | os.PathLike) -> dict:
@@ -536,12 +528,13 @@ def describe_cache(cache: str | os.PathLike) -> dict:
     read_identity(path)
     with _open(path) as f:
         meta = read_attrs(f)
+        classes = dataset_of(meta)[1]
         splits = {}
         for name in f:
             g = f[name]
-            counts = np.bincount(g["labels"][:], minlength=len(dataset_of(meta)[1]))
+            counts = np.bincount(g["labels"][:], minlength=len(classes))
             splits[name] = {"count": int(g["labels"].shape[0]), "complete": bool(g.attrs.get("complete", False)),
                             "dim": int(g["embeddings"].shape[1]),
                             "features": sorted(n for n in _datasets(g) if n not in ("ids", "labels", "usage", "votes", "subjects")),
-                            "per_class": {c: int(n) for c, n in zip(dataset_of(meta)[1], counts)}}
+                            "per_class": {c: int(n) for c, n in zip(classes, counts)}}
     return {"format": "fercache-cache", "path": str(path), **meta, "splits": splits}

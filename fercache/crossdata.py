@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fercache.errors import UserError
+from fercache.heads import softmax
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,5 @@ def class_map(head_classes: list[str], head_canonical: list[str], data_classes: 
 
 def restricted_scores(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities over the restricted rows and their argmax."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    proba = z / z.sum(axis=1, keepdims=True)
+    proba = softmax(np.asarray(logits, dtype=np.float64))
     return proba, proba.argmax(axis=1)

@@ -264,10 +264,8 @@ def find_source(data: str | os.PathLike | None = None) -> Path:
 def open_source(data: str | os.PathLike | None = None) -> Source:
     """Find and index a FER2013 source (folder, zip or CSV); raises `UserError` on bad input."""
     path = find_source(data)
-    if path.is_dir():
-        return _index_folder(path)
-    if zipfile.is_zipfile(path):
-        return _index_zip(path)
+    if path.is_dir() or zipfile.is_zipfile(path):
+        return index_files(list_files(path))
     if path.suffix.lower() == ".zip":
         raise UserError(f"{path}: not a valid zip archive (corrupt or truncated?)")
     if path.suffix.lower() == ".csv":
@@ -362,16 +360,15 @@ def list_files(path: Path) -> Files:
         raise UserError(f"{path}: not a valid zip archive ({exc})") from None
 
 
-def _index_folder(path: Path) -> Source:
-    entries = _entries_from_paths(list_files(path).names, path)
-    for e in entries:
-        e.ref = str(path / e.ref)
-    return Source(path, "folder", entries)
-
-
-def _index_zip(path: Path) -> Source:
-    files = list_files(path)
-    return Source(path, "zip", _entries_from_paths(files.names, path), archive=files._zip)
+def index_files(files: Files) -> Source:
+    """A FER2013 folder or zip as `open_source` reads it, from its listed files (listed once: a
+    caller that already listed them to tell the layout passes them on)."""
+    entries = _entries_from_paths(files.names, files.path)
+    if files.format == "folder":
+        for e in entries:
+            e.ref = str(files.path / e.ref)
+        return Source(files.path, "folder", entries)
+    return Source(files.path, "zip", entries, archive=files._zip)
 
 
 def _decoder(source: Source, native: bool = False) -> Callable[[Entry], tuple[np.ndarray, bool] | str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data import Entry, Files, Source, find_source, list_files, open_source
+from fercache.data import USAGES, Entry, Files, Source, find_source, index_files, list_files, open_source
 from fercache.errors import UserError
 from fercache.names import CANONICAL, CLASSES, EXPRESSIONS, SPLITS, data_dir
 
@@ -263,6 +263,11 @@ def _splits_of(usages: set[str]) -> tuple[str, ...]:
 _KAGGLE = re.compile(r"^(?:.*/)?(?:train|test)/(?P<cls>[^/]+)/[^/]+$", re.I)
 
 
+def _fer2013(path: Path, files: Files | None) -> Source:
+    """FER2013 as `data.open_source` reads it, from the files `open_dataset` already listed."""
+    return open_source(path) if files is None else index_files(files)
+
+
 def _fer2013_detect(path: Path, files: Files | None) -> bool:
     if files is None:
         return path.suffix.lower() == ".csv" and path.name != "fer2013new.csv"
@@ -273,7 +278,7 @@ def _fer2013_detect(path: Path, files: Files | None) -> bool:
 register(Dataset(
     "fer2013", "FER2013", CLASSES, CANONICAL, split="train / PublicTest / PrivateTest",
     layouts=(Layout("fer2013", "train|test/<class>/<file> (Kaggle), or fer2013.csv / icml_face_data.csv",
-                    _fer2013_detect, lambda path, files, options: open_source(path)),),
+                    _fer2013_detect, lambda path, files, options: _fer2013(path, files)),),
 ))
 
 
@@ -364,14 +369,13 @@ def kaggle_rows() -> dict[str, int]:
 
 def _ferplus_joined(path: Path, files: Files | None, options: Options) -> Source:
     """FER+ votes joined to a FER2013 source: CSV rows by position, Kaggle files through `kaggle_rows`."""
-    base = open_source(path)
+    base = _fer2013(path, files)
     votes_path = _votes_file(path, options)
     votes = read_ferplus_votes(votes_path)
     csv_form = base.format.endswith(".csv")
     if csv_form and len(votes) != len(base.entries):
         raise UserError(f"{votes_path}: {len(votes)} rows of votes for {len(base.entries)} rows of {path.name}")
     table = {} if csv_form else kaggle_rows()
-    usages = {"Training": "train", "PublicTest": "public_test", "PrivateTest": "private_test"}
     entries, dropped = [], Counter()
     for e in base.entries:
         row = e.ref if csv_form else table.get(e.id.rsplit(".", 1)[0])
@@ -379,7 +383,7 @@ def _ferplus_joined(path: Path, files: Files | None, options: Options) -> Source
             dropped["not in fercache's FER+ table (no FER+ image, or an ambiguous duplicate face)"] += 1
             continue
         usage, name, counts = votes[row]
-        if usages.get(usage) != e.usage:
+        if USAGES.get(usage) != e.usage:
             raise UserError(f"{votes_path}: row {row + 2} is {usage}, but {e.id} is {e.usage}: "
                             f"these votes are not for this FER2013 copy")
         if not name:

@@ -179,7 +179,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             # one the same --force command made before it was interrupted
             part = PartFile(parts[rank], meta, shard_digest([e.id for e in mine]), len(mine), shapes, batch_size,
                             forced=force, subjects=source.entries[0].subject is not None)
-            resumed = part.rows
+            resumed = part.resumed
             try:
                 with tqdm(total=len(mine), initial=part.consumed, unit="img", desc=f"extract {name}",
                           disable=not progress or rank != 0, dynamic_ncols=True) as bar:

@@ -750,7 +750,7 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     from fercache.data import open_source
     from fercache.encoder import pick_dtype
     from fercache.names import DEFAULT_MODEL, default_cache, default_run
-    from fercache.runs import duplicate_counts, resolve_cache, train_copies, with_copy, write_run
+    from fercache.runs import duplicate_counts, resolve_cache, train_rows, write_run
     from fercache.stats import calibration, score_predictions, test_figures, unseen_figures
 
     choice(val, VALS, "--val")
@@ -804,10 +804,9 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         where = {"cache": {"path": str(path), "meta": held.to_meta()}}
         source_path = t.meta.get("source", {}).get("path")
         stem = path
-    copies = train_copies(source_path, exclude_duplicates, None if from_images else path)
-    copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
+    copied, seen, keep = train_rows(source_path, exclude_duplicates, None if from_images else path, train.ids,
+                                    test.ids)
     if exclude_duplicates:
-        keep = np.flatnonzero(~copied)
         train = Split(train.x[keep], train.y[keep], [train.ids[i] for i in keep], [train.usage[i] for i in keep],
                       train.computed_in, train.classes, None if train.targets is None else train.targets[keep])
     settings = Settings(blocks=n, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,

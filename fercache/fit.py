@@ -29,9 +29,10 @@ from fercache.datasets import check_labels, ferplus_targets
 from fercache.names import CLASS_WEIGHTS, METHODS, VALS, VIEWS, choice, default_run
 # runs' and stats' names that lived here before 0.3.0 stay importable from fercache.fit:
 from fercache.runs import (PREDICTIONS, duplicate_counts, is_tuned, read_predictions, resolve_cache,  # noqa: F401
-                           scored_rows, train_copies, with_copy, write_evaluation, write_predictions, write_run)
-from fercache.stats import (calibration, classification_metrics, few_shot, mean_std, score_predictions, test_figures,
-                            unseen_figures)
+                           scored_rows, train_copies, train_rows, with_copy, write_evaluation, write_predictions,
+                           write_run)
+from fercache.stats import (calibration, classification_metrics, few_shot, log_loss, mean_std, score_predictions,
+                            test_figures, unseen_figures)
 
 
 @dataclass
@@ -93,9 +94,8 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
     train = load_embeddings(path, "train", layer=layer, view=views)
     test = load_embeddings(path, test_split, layer=layer, view=views)
     held = load_embeddings(path, "public_test", layer=layer, view=views) if val == "public_test" else None
-    copies = train_copies(train.meta.get("source", {}).get("path"), exclude_duplicates, path)
-    copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
-    pool = np.flatnonzero(~copied) if exclude_duplicates else np.arange(len(train.y))
+    copied, seen, pool = train_rows(train.meta.get("source", {}).get("path"), exclude_duplicates, path, train.ids,
+                                    test.ids)
     draws = [pool[d] for d in few_shot(train.y[pool], shots, repeats, seed)] if shots else [pool]
     targets = soft_targets(path, "train", labels)
     start = time.perf_counter()
@@ -196,7 +196,7 @@ def fit_folds(path: Path, folds: int | str, settings: dict, out: str | os.PathLi
     head.layer, head.views = s["layer"], s["views"]
     head.identity = Identity.from_meta(emb.meta).encoder()
     pred = proba.argmax(1)
-    loss = float(-np.log(np.maximum(proba[np.arange(len(emb.y)), emb.y], 1e-12)).mean())
+    loss = log_loss(emb.y, proba)
     report = score_predictions(emb.y, pred, loss, classes, "all")
     meta = {k: v for k, v in emb.meta.items() if k != "split"}
     metrics = {
@@ -279,7 +279,7 @@ def evaluate_across(head: Head, head_dir: Path, emb: Embeddings, path: Path, spl
         raise UserError(f"{path}: none of split '{split}''s faces is of a class the head knows "
                         f"({', '.join(head.classes)})")
     proba, pred = restricted_scores(logits)
-    loss = float(-np.log(np.maximum(proba[np.arange(len(y)), y], 1e-12)).mean())
+    loss = log_loss(y, proba)
     usage = usage_of(path, split)
     report = {**score_predictions(y, pred, loss, cmap.classes, split, [u for u, k in zip(usage, keep) if k]),
               "calibration": calibration(y, proba), "dataset": dataset, "head_dataset": head.dataset,

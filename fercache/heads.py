@@ -60,9 +60,7 @@ class Head:
         return ((X - self.mean) / self.std).astype(np.float32, copy=False) @ self.weight.T + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.logits(X)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+        return softmax(self.logits(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.logits(X).argmax(axis=1)
@@ -107,9 +105,10 @@ class Head:
             config = json.loads((folder / CONFIG).read_text())
             t = load_file(folder / WEIGHTS)
             identity = Identity.from_meta(config).encoder() if "model" in config else None
+            dataset, _, canonical = dataset_of(config)
             head = cls(t["weight"], t["bias"], t["mean"], t["std"], config["method"], bool(config["standardize"]),
                        list(config["classes"]), identity, config.get("layer"), config.get("views") or "plain",
-                       dataset_of(config)[2], dataset_of(config)[0])
+                       canonical, dataset)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError, UserError) as exc:
             raise UserError(f"{folder}: broken head ({type(exc).__name__}: {exc})") from None
         k, d = head.weight.shape if head.weight.ndim == 2 else (0, 0)
@@ -118,6 +117,12 @@ class Head:
             raise UserError(f"{folder}: broken head (weights of shape {head.weight.shape} do not match "
                             f"{CONFIG}: {len(head.classes)} classes, dim {config.get('dim')})")
         return head
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Rows of logits -> rows of probabilities (shifted by each row's maximum, so nothing overflows)."""
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def moments(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from fercache.errors import UserError, warn
 from fercache.fit import check_head
-from fercache.heads import Head
+from fercache.heads import Head, softmax
 from fercache.identity import NATIVE
-from fercache.names import TUNED_CONFIG, feature_name
+from fercache.names import feature_name
+from fercache.runs import is_tuned
 
 Box = tuple[int, int, int, int]  # x, y, width, height in the image's pixels
 
@@ -134,7 +134,7 @@ class Scorer:
         self.batch_size = batch_size
         self.tuned = None
         self.native = False  # True: the head's features were of native images (faces go as they are)
-        if (Path(head_dir) / TUNED_CONFIG).is_file():  # a `finetune` run: the base model, tuned blocks swapped in
+        if is_tuned(head_dir):  # a `finetune` run: the base model, tuned blocks swapped in
             from fercache.finetune import load_tuned
 
             self.tuned = load_tuned(head_dir, device)
@@ -162,9 +162,7 @@ class Scorer:
     def probs(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(N, 48, 48) uint8 faces (native: a list of H x W x 3) -> (N, classes) probabilities."""
         if self.tuned is not None:
-            z = self.tuned.logits_from_pixels(pixels, self.batch_size)
-            p = np.exp(z - z.max(axis=1, keepdims=True))
-            return p / p.sum(axis=1, keepdims=True)
+            return softmax(self.tuned.logits_from_pixels(pixels, self.batch_size))
         X = np.concatenate([self._encode(pixels[i:i + self.batch_size])
                             for i in range(0, len(pixels), self.batch_size)])
         if X.shape[1] != self.head.dim:

@@ -71,12 +71,8 @@ class Recipe:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     rescale: float = 1 / 255
-    top: int | None = None  # the crop's first row and column; None: (resize - crop) // 2, as transformers
+    rounded: bool = False  # the centre crop starts at round((side - crop) / 2), as torchvision's (else floor, as transformers')
     shortest: bool = True  # an image of another shape: its shortest edge to `resize` (else a resize x resize square)
-
-    @property
-    def offset(self) -> int:
-        return (self.resize - self.crop) // 2 if self.top is None else self.top
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) an image of any shape is resized to: transformers' `get_resize_output_image_size`
@@ -88,9 +84,8 @@ class Recipe:
         return (long, self.resize) if width <= height else (self.resize, long)
 
     def start(self, side: int) -> int:
-        """The centre crop's first row (column) in a resized side: transformers' floor, torchvision's round
-        (the recipes that give `top`)."""
-        return (side - self.crop) // 2 if self.top is None else int(round((side - self.crop) / 2.0))
+        """The centre crop's first row (column) in a resized side: transformers' floor, torchvision's round."""
+        return int(round((side - self.crop) / 2.0)) if self.rounded else (side - self.crop) // 2
 
 
 def _side(size, key: str) -> int | None:
@@ -162,7 +157,7 @@ def torchvision_recipe(resize: int, crop: int, interpolation: str, mean, std) ->
     if crop > resize:
         raise UserError(f"a {crop} px crop of a {resize} px image pads it: fercache reproduces crops only")
     return Recipe("clip", resize, crop, INTERPOLATIONS[interpolation], tuple(map(float, _per_channel(mean))),
-                  tuple(map(float, _per_channel(std))), 1 / 255, int(round((resize - crop) / 2.0)))
+                  tuple(map(float, _per_channel(std))), 1 / 255, rounded=True)
 
 
 def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
@@ -204,7 +199,7 @@ class Preprocessor:
         # float64 holds PIL's integer sums exactly; MPS has no float64 (then: within one level).
         self.exact = torch.float32 if device.type == "mps" else torch.float64
         w = resize_weights(SIZE, recipe.resize, recipe.resample) / (1 << PRECISION_BITS)  # exact: a power of 2
-        top = recipe.offset
+        top = recipe.start(recipe.resize)
         w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
         self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # native shapes' matrices

@@ -45,9 +45,8 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
     (as `fit`); each layer's `test_unseen_accuracy` is its accuracy on the test faces with no copy in train.
     A dataset without a split takes `folds` (`probe_folds`).
     """
-    from fercache.heads import fit_linear
-    from fercache.logreg import VAL_FRACTION, fit_logreg, stratified_split
-    from fercache.runs import duplicate_counts, train_copies, with_copy
+    from fercache.logreg import VAL_FRACTION, stratified_split
+    from fercache.runs import duplicate_counts, train_rows
     from fercache.stats import intervals, unseen_figures
 
     choice(method, METHODS, "method")
@@ -68,9 +67,8 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
         train = load_embeddings(cache, "train", layer=layer, view=views)
         test = load_embeddings(cache, test_split, layer=layer, view=views)
         if fit_rows is None:  # the same rows for every layer
-            copies = train_copies(meta.get("source", {}).get("path"), exclude_duplicates, Path(cache))
-            copied, seen = with_copy(copies, train.ids), with_copy(copies, test.ids)
-            fit_rows = np.flatnonzero(~copied) if exclude_duplicates else np.arange(len(train.y))
+            copied, seen, fit_rows = train_rows(meta.get("source", {}).get("path"), exclude_duplicates, Path(cache),
+                                                train.ids, test.ids)
             if val == "train":
                 fit_rows, val_rows = (fit_rows[r] for r in stratified_split(train.y[fit_rows], VAL_FRACTION, seed))
         if val == "train":
@@ -78,11 +76,7 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
         else:
             X, y = train.X[fit_rows], train.y[fit_rows]
             X_val, y_val = load_embeddings(cache, "public_test", layer=layer, view=views)[:2]
-        if method == "linear":
-            head, _ = fit_linear(X, y, seed=seed, class_weight=class_weight, classes=len(train.classes))
-        else:
-            head, _ = fit_logreg(X, y, seed=seed, class_weight=class_weight, val=(X_val, y_val),
-                                 classes=len(train.classes))
+        head = _fit_head(method, X, y, (X_val, y_val), seed, class_weight, len(train.classes))
         pred = head.predict(test.X)
         figures = intervals(test.y, pred, k=len(train.classes))  # the bootstrap seed `fit` uses too
         rows.append({"layer": POOLED if layer is None else layer, "dim": int(X.shape[1]),
@@ -104,6 +98,17 @@ def probe(cache: str | os.PathLike, out: str | os.PathLike | None = None, method
     return result
 
 
+def _fit_head(method: str, X: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray], seed: int,
+              class_weight: str, classes: int):
+    """One layer's head: the linear one, or logreg with C chosen on `val` (never on test)."""
+    from fercache.heads import fit_linear
+    from fercache.logreg import fit_logreg
+
+    if method == "linear":
+        return fit_linear(X, y, seed=seed, class_weight=class_weight, classes=classes)[0]
+    return fit_logreg(X, y, seed=seed, class_weight=class_weight, val=val, classes=classes)[0]
+
+
 def probe_folds(cache: str | os.PathLike, meta: dict, folds: int | str, out: str | os.PathLike | None,
                 method: str, views: str, seed: int, class_weight: str) -> dict:
     """`probe` over subject-independent folds (`folds.cross_validate`): in each fold, a head per layer
@@ -113,9 +118,8 @@ def probe_folds(cache: str | os.PathLike, meta: dict, folds: int | str, out: str
     predictions, pooled, and each fold's layer) is what a paper would report."""
     from fercache.cache import load_subjects
     from fercache.folds import cross_validate
-    from fercache.heads import fit_linear
     from fercache.identity import dataset_of
-    from fercache.logreg import VAL_FRACTION, fit_logreg, stratified_split
+    from fercache.logreg import VAL_FRACTION, stratified_split
     from fercache.stats import intervals
 
     layers = [*meta["layers"], None]
@@ -130,12 +134,8 @@ def probe_folds(cache: str | os.PathLike, meta: dict, folds: int | str, out: str
         fit_rows, val_rows = (train[r] for r in stratified_split(y[train], VAL_FRACTION, seed))
         for layer in layers:
             X = feats[layer].X
-            if method == "linear":
-                head, _ = fit_linear(X[fit_rows], y[fit_rows], seed=seed, class_weight=class_weight,
-                                     classes=len(classes))
-            else:
-                head, _ = fit_logreg(X[fit_rows], y[fit_rows], seed=seed, class_weight=class_weight,
-                                     val=(X[val_rows], y[val_rows]), classes=len(classes))
+            head = _fit_head(method, X[fit_rows], y[fit_rows], (X[val_rows], y[val_rows]), seed, class_weight,
+                             len(classes))
             val_acc[layer].append(head.score(X[val_rows], y[val_rows])[1])
             train_acc[layer].append(head.score(X[fit_rows], y[fit_rows])[1])
             proba[layer][test] = head.predict_proba(X[test])

@@ -67,6 +67,15 @@ def with_copy(copies: dict[str, list[str]] | None, ids: list[str]) -> np.ndarray
     return np.array([i in crossing for i in ids], dtype=bool)
 
 
+def train_rows(source: str | os.PathLike | None, exclude: bool, cache: Path | None, train_ids: list[str],
+               test_ids: list[str]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """What `fit`, `probe` and `finetune` train on: which train and test rows have a copy across
+    them (`with_copy`; None where unknown) and the train rows to use (with `exclude`, those without)."""
+    copies = train_copies(source, exclude, cache)
+    copied = with_copy(copies, train_ids)
+    return copied, with_copy(copies, test_ids), np.flatnonzero(~copied) if exclude else np.arange(len(train_ids))
+
+
 def scored_rows(copies: dict[str, list[str]] | None, ids: list[str], split: str,
                 exclude: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """What `evaluate` scores of a split: its rows (with `exclude`, those without a copy across train

@@ -92,8 +92,8 @@ def serve(head_dir: str | os.PathLike, port: int = 7860, device: str = "auto", h
     with socket.socket() as probe:  # a busy port fails now, not after loading the model
         try:
             probe.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"cannot serve on {host}:{port} ({exc.strerror or exc})") from None
+        except (OSError, OverflowError) as exc:  # busy, not ours, or not a port (OverflowError: > 65535)
+            raise UserError(f"cannot serve on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
     scorer = Scorer(head_dir, device)
     page = build_page(scorer, f"{Path(head_dir).name}: {', '.join(scorer.classes)}")
     system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no Google Fonts: the page works offline

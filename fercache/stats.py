@@ -203,6 +203,11 @@ def versus_best(right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (best, np.take_along_axis(raw, pick, -2)[..., 0, :], np.take_along_axis(adjusted, pick, -2)[..., 0, :])
 
 
+def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean cross-entropy of the true classes' probabilities (floored at 1e-12: a zero is not infinite)."""
+    return float(-np.log(np.maximum(proba[np.arange(len(y)), y], 1e-12)).mean())
+
+
 def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int = BINS) -> dict:
     """Expected calibration error and the reliability diagram's bins (equal-width in confidence).
 

@@ -115,6 +115,13 @@ def test_serve_on_a_busy_port_is_one_line(tiny_head):
     assert f"cannot serve on 127.0.0.1:{port}" in str(result.exception) and "\n" not in str(result.exception)
 
 
+@pytest.mark.parametrize("port", [70000, -1])
+def test_serve_on_no_port_at_all_is_one_line(tiny_head, port):
+    result = CliRunner().invoke(app, ["serve", "--head", str(tiny_head), "--port", str(port)])
+    assert isinstance(result.exception, UserError)
+    assert f"cannot serve on 127.0.0.1:{port}" in str(result.exception) and "\n" not in str(result.exception)
+
+
 @pytest.mark.parametrize("side", [150, 400])
 def test_a_face_in_a_large_photo_is_found_once_whatever_its_size(real_zip, side):
     """A 4000x3000 photo: a 150 px face, which only the search at the photo's resolution finds, and a 400 px
