@@ -9,8 +9,11 @@ first N train images in fercache's order, or with `--images all` all 35,887 of t
 1. the reference path: a plain script that decodes with PIL, runs `CLIPImageProcessor` and a
    `CLIPVisionModel` (float32, or `--reference-dtype`, on the same device) in a loop; process
    start to exit;
-2. `fercache extract` (`--dtype`, default auto; several, e.g. `float32,int8`, one after another,
-   with the int8 fidelity it measured), process start to exit, and its throughput inside the model;
+2. `fercache extract`, each of `--dtype`'s contenders one after another (`DTYPE` or
+   `DTYPE@RUNTIME`; default `auto,int8,float32@torch`: the default path, int8 and torch's eager
+   float32), process start to exit, its throughput inside the model and the int8 fidelity it
+   measured. An ONNX Runtime graph is built once per model (`fercache.onnxrt`): a first untimed
+   run of one image builds it, and its build time is printed apart;
 3. the device's own matmul peak (bf16 and fp32: the CPU's, or on CUDA the GPU's), so the
    model's achieved FLOP/s has a yardstick;
 4. on CUDA (or with `--profile`): `fercache.extract.extract` once more in this process under
@@ -22,6 +25,7 @@ first N train images in fercache's order, or with `--images all` all 35,887 of t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu import SIMULATED_AVX2, cpu_name  # noqa: E402  (bench/cpu.py, beside this file)
+from cpu import SIMULATED_AVX2, cpu_name, mlas_peak  # noqa: E402  (bench/cpu.py, beside this file)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013.zip"
@@ -148,7 +152,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="fercache's [default: its own per device]")
     parser.add_argument("--reference-batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto", help="fercache's --dtype; several (float32,int8) run one by one")
+    parser.add_argument("--dtype", default="auto,int8,float32@torch",
+                        help="fercache's contenders, one by one: DTYPE or DTYPE@RUNTIME (auto, torch, onnxruntime)")
     parser.add_argument("--simulate-avx2", action="store_true",
                         help="run everything as on an AVX2-only CPU (see bench/cpu.py for what honours it)")
     parser.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -167,6 +172,7 @@ def main() -> None:
     from fercache.data import open_source
 
     tmp = Path(tempfile.mkdtemp(prefix="fercache-bench-"))
+    os.environ["FERCACHE_GRAPHS"] = str(tmp / "graphs")  # the children's graphs, built here, not in ~/.cache
     model_dir = tmp / "vit-b32-random"
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig()).save_pretrained(model_dir)
@@ -183,10 +189,13 @@ def main() -> None:
     # emulated bf16 under a simulated AVX2 CPU runs ATen's scalar fallback: minutes for a yardstick nobody uses
     peak_bf16 = float("nan") if args.simulate_avx2 else matmul_peak(torch.bfloat16, args.device)
     peak_fp32 = matmul_peak(torch.float32, args.device)
+    mlas = 0.0 if args.device.startswith("cuda") else mlas_peak()  # MKL, behind torch's matmul, lags on AMD chips
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"this CPU, {torch.get_num_threads()} threads"
     print(f"matmul peak on {where}: bf16 {peak_bf16:,.0f} GFLOP/s, fp32 {peak_fp32:,.0f} GFLOP/s "
-          f"(ratio {peak_bf16 / peak_fp32:.2f})", flush=True)
+          f"(ratio {peak_bf16 / peak_fp32:.2f})" + (f"; ONNX Runtime's fp32 MatMul {mlas:,.0f} GFLOP/s (not capped by "
+                                                     "--simulate-avx2)" if mlas else ""), flush=True)
+    peak_fp32 = max(peak_fp32, mlas)
 
     if not args.skip_reference:
         ref_s, ref_rss, _ = timed([sys.executable, "-c", REFERENCE, str(args.data), str(model_dir), str(names),
@@ -198,33 +207,42 @@ def main() -> None:
 
     def ours(count: int | None, cache: Path, model: Path = model_dir, dtype: str = dtypes[0]
              ) -> tuple[float, int, str]:
+        dtype, _, runtime = dtype.partition("@")
         return timed([sys.executable, "-m", "fercache", "extract", "--data", str(args.data), "--split", split,
                       "--model", str(model), "--device", args.device, "--dtype", dtype, *ours_batch,
+                      *(["--runtime", runtime] if runtime else []),
                       *(["--limit", str(count)] if count else []), "--cache", str(cache)])
 
-    inside = {}  # dtype -> (img/s inside fercache, its int8 fidelity line if any)
+    inside = {}  # contender -> (img/s inside fercache, what `info` says it ran, its int8 fidelity line if any)
     for dtype in dtypes:
+        build_s, _, output = ours(1, tmp / f"warm-{dtype}.h5", dtype=dtype)  # builds its graph, if it has one
+        if "building the ONNX Runtime graph" in output:
+            print(f"{dtype}: ONNX Runtime graph built once for this model in {build_s:.1f} s (process start to exit, "
+                  "one image)", flush=True)
         our_s, our_rss, output = ours(limit, tmp / f"ours-{dtype}.h5", dtype=dtype)
         # each split's summary: "<split>: N images -> D-d in S s (R img/s) -> cache"
         encode_s = sum(int(count.replace(",", "")) / float(rate)
                        for count, rate in re.findall(r"^\w+: ([\d,]+) images.*\(([\d.]+) img/s\)", output, re.M))
         rows.append((f"fercache extract (--dtype {dtype})", our_s, n / our_s, our_rss))
-        fidelity = timed([sys.executable, "-m", "fercache", "info", str(tmp / f"ours-{dtype}.h5")])[2]
-        inside[dtype] = (n / encode_s, next((line for line in fidelity.splitlines() if "fidelity" in line), ""))
+        info = timed([sys.executable, "-m", "fercache", "info", str(tmp / f"ours-{dtype}.h5")])[2]
+        ran = re.search(r"preprocessing, ([^,]+),", info)
+        inside[dtype] = (n / encode_s, ran.group(1) if ran else "?",
+                         next((line for line in info.splitlines() if "fidelity" in line), ""))
 
     simulated = " (SIMULATED AVX2-only CPU: " + " ".join(f"{k}={v}" for k, v in SIMULATED_AVX2.items()) + ")"
     print(f"\n{n:,} real FER2013 images, ViT-B/32 architecture (random weights), device {args.device} on "
           f"{cpu_name()}{simulated if args.simulate_avx2 else ''}; wall time from process start to exit:")
-    print(f"{'path':<40}{'seconds':>9}{'img/s':>9}{'peak RSS MiB':>14}")
+    print(f"{'path':<48}{'seconds':>9}{'img/s':>9}{'peak RSS MiB':>14}")
     for name, s, rate, rss in rows:
-        print(f"{name:<40}{s:>9.1f}{rate:>9.1f}{rss:>14,}")
-    for (name, s, _, _), (dtype, (rate, fidelity)) in zip(rows[-len(dtypes):], inside.items()):
+        print(f"{name:<48}{s:>9.1f}{rate:>9.1f}{rss:>14,}")
+    for (name, s, _, _), (dtype, (rate, ran, fidelity)) in zip(rows[-len(dtypes):], inside.items()):
         if not args.skip_reference:
-            print(f"speed-up end to end, --dtype {dtype}: {ref_s / s:.2f}x")
+            print(f"speed-up end to end, --dtype {dtype} (ran as {ran}): {ref_s / s:.2f}x")
         achieved = rate * flops / 1e9
+        bf16 = "" if math.isnan(peak_bf16) else f"{achieved / peak_bf16:.1%} of the bf16 matmul peak, "
         print(f"inside fercache --dtype {dtype} (decode, encode, commit): {rate:,.1f} img/s x {flops / 1e9:.2f} "
-              f"GFLOP/img = {achieved:,.0f} GFLOP/s = {achieved / peak_bf16:.1%} of the bf16 matmul peak, "
-              f"{achieved / peak_fp32:.1%} of the fp32 peak" + (f"; {fidelity}" if fidelity else ""))
+              f"GFLOP/img = {achieved:,.0f} GFLOP/s = {bf16}{achieved / peak_fp32:.1%} of the fp32 peak"
+              + (f"; {fidelity}" if fidelity else ""))
 
     if args.profile if args.profile is not None else args.device.startswith("cuda"):
         busy, span, _ = profiled(args.data, model_dir, split, limit, args.device, dtypes[0], args.batch_size,

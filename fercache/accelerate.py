@@ -1,12 +1,12 @@
 """`--dtype int8`: stage one's tower with its Linear layers quantised to int8 on the CPU, fidelity measured.
 
-Where a CPU has no native bfloat16 (AMD Zen 2/3, Intel client chips, older Xeons) float32 is the
-only faithful type, and float32 back ends gain little over torch's eager one: the tower already
-runs near the float32 GEMM peak (`bench/cpu.py`). int8 GEMMs do about twice the work per cycle,
-so int8 is offered on request, never by default: torch's dynamic quantisation of every
-`nn.Linear` (int8 weights per tensor, activations quantised per batch), which applies to any
-loaded module (Hugging Face families, OpenCLIP, timm) and keeps `--layers`, `--tokens` and
-`--tta flip` working, since the module tree and its blocks stay where they were.
+int8 GEMMs do about twice the work of float32 ones per cycle, so int8 is offered on request,
+never by default: the float32 encoder's Linear layers quantised dynamically (int8 weights per
+tensor, activations quantised per batch). Where the `cpu` extra is installed it is ONNX Runtime's
+quantisation of the exported graph's MatMul and Gemm nodes (`fercache.onnxrt`, about 4x torch's
+eager float32 in `bench/cpu.py`), else torch's own of every `nn.Linear`; both apply to any
+loaded model (Hugging Face families, OpenCLIP, timm) and keep `--layers`, `--tokens` and
+`--tta flip` working.
 
 int8 features are not float32 features: how close they are is measured on the data at extract
 time (`int8_fidelity`: the lowest cosine, over the first batch, between the int8 tower's pooled
@@ -28,6 +28,7 @@ import torch
 
 from fercache.errors import UserError
 from fercache.names import INT8, PIXELS, feature_name
+from fercache.onnxrt import ORT, onnx_graph
 
 if TYPE_CHECKING:
     from fercache.encoder import Encoder
@@ -36,22 +37,23 @@ INT8_MIN_COSINE = 0.99  # an int8 cache whose features are less alike than this 
 INT8_FIDELITY = "int8_fidelity"  # the cache attribute that records the measured cosine
 
 
-def int8_encoder(enc: Encoder, device: torch.device) -> Encoder:
-    """The float32 encoder `enc` with its tower's Linear layers int8; it keeps `enc` to measure itself against."""
+def int8_encoder(enc: Encoder, device: torch.device, runtime: str) -> Encoder:
+    """The float32 encoder `enc` with its tower's Linear layers int8 (on `runtime`: torch, or ONNX Runtime's
+    graph of it, `fercache.onnxrt`); it keeps `enc` to measure itself against."""
     if enc.identity.model == PIXELS:
         raise UserError("--dtype int8 needs a neural encoder; the pixels baseline has none")
     if device.type != "cpu":
-        raise UserError(f"--dtype int8 runs on the CPU (torch's dynamic quantisation), not on {device}: "
-                        "pass --device cpu")
-    identity = dataclasses.replace(enc.identity, dtype=INT8)
+        raise UserError(f"--dtype int8 runs on the CPU (dynamic quantisation), not on {device}: pass --device cpu")
+    identity = dataclasses.replace(enc.identity, dtype=INT8, runtime=runtime)
     if enc.model is None:  # configs only: the identity is all that is asked
         return dataclasses.replace(enc, identity=identity)
-    tower = copy.deepcopy(enc.tower) if enc.tower is not None else None  # blocks and module stay one tree
-    model = tower.module if tower is not None else copy.deepcopy(enc.model)
-    linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    if not linear:
+    if not any(isinstance(m, torch.nn.Linear) for m in enc.model.modules()):
         raise UserError(f"--dtype int8: model '{enc.identity.model}' has no Linear layers to quantise "
                         "(a convolutional net); use --dtype float32")
+    if runtime == ORT:  # the float32 graph's MatMul and Gemm nodes quantised, the torch model kept as reference
+        return dataclasses.replace(enc, identity=identity, graph=onnx_graph(enc, int8=True), reference=enc)
+    tower = copy.deepcopy(enc.tower) if enc.tower is not None else None  # blocks and module stay one tree
+    model = tower.module if tower is not None else copy.deepcopy(enc.model)
     with warnings.catch_warnings():  # torch marks its eager quantisation deprecated (torchao's successor has no
         warnings.simplefilter("ignore")  # fast int8 CPU kernels for this yet); it is what runs here, in 2.13
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8, inplace=True)

@@ -1,4 +1,4 @@
-"""`fercache audit`: is this copy of FER2013 sound, and which test faces has train already seen?
+"""`fercache audit`: is this copy of a dataset sound, and which test faces has train already seen?
 
 Three checks a researcher needs before any figure means anything:
 
@@ -11,16 +11,21 @@ Three checks a researcher needs before any figure means anything:
   comparison is flagged at |delta| >= 0.33, the conventional boundary of a "medium" effect
   (Romano et al., 2006), fixed in advance: a copy whose train faces were blurred, equalised,
   resized or recompressed sits near |delta| = 1, a genuine one near 0. Files whose dominant
-  format, size, mode or JPEG quality differ between splits are flagged too.
+  format, size, mode or JPEG quality differ between splits are flagged too. A dataset without a
+  split (CK+, JAFFE: one split, `all`) has nothing to compare: the verdict says so. Every face is
+  measured as 48x48 gray (what the gray48 encoders see); the files column says how they are stored.
 - **Duplicates.** Exact (identical decoded pixels, by SHA-1) and near (perceptual hashes, imagehash's
   pHash, at most `HASH_BITS` of 64 bits apart; given a cache, also cosine of the cached features,
   test faces against all),
   within each split and across train and test, with the groups whose labels conflict. Blank faces
   (pixel standard deviation below `BLANK_STD`) are identical to each other without being the same
-  face: they are counted apart and left out of the groups.
+  face: they are counted apart and left out of the groups. Without a split there is no "across":
+  groups are counted within the one split and, where the dataset names each face's person, across
+  subjects (two people's faces alike: what subject-independent folds would leak).
 - **Label errors.** Given a cache: out-of-fold probabilities of cross-validated linear heads
-  on train, ranked by cleanlab's `find_label_issues`; where FER+ votes can be tied to
-  the faces, how often the flagged ones are faces FER+ annotators relabelled.
+  on train (every face without a split; folds keep subjects apart where known), ranked by
+  cleanlab's `find_label_issues`; where FER+ votes can be tied to the faces, how often the flagged
+  ones are faces FER+ annotators relabelled.
 
 `test_duplicates` is the part scoring reuses: {test id: [train ids]} at the audit's threshold.
 """
@@ -33,6 +38,7 @@ import io
 import json
 import os
 import time
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -40,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fercache.data import Source
-from fercache.errors import UserError, warn
-from fercache.html import CSS, data_uri, face_png
-from fercache.names import CLASSES, data_dir
+from fercache.data import Source, _usages
+from fercache.errors import FERCacheWarning, UserError, warn
+from fercache.html import CSS, Origin, data_uri, face_img, faces_of
+from fercache.names import CANONICAL, data_dir
 
 MEDIUM = 0.33  # |Cliff's delta| from which a difference between splits is flagged (Romano et al.'s "medium")
 HASH_BITS = 4  # pHash distance (of 64 bits) up to which two faces are near duplicates; see `near_pairs`
@@ -57,18 +63,18 @@ GALLERY = 24
 TOP = 1000  # the most confident suspected label errors, compared with FER+ apart
 STATS = ("sharpness", "contrast", "brightness", "blockiness")
 EXTRA = "fercache[audit]"
-TEST_USAGES = {"test", "public_test", "private_test"}
+TEST_USAGES = frozenset(_usages("test"))
 # The standard (IJG) luminance table: a JPEG's quality is read off how its own table scales it
 _IJG = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
                  14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
                  92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
-# FER+ vote columns -> FER2013 class index (contempt, unknown and not-a-face have none)
-_FERPLUS = {"anger": 0, "disgust": 1, "fear": 2, "happiness": 3, "sadness": 4, "surprise": 5, "neutral": 6}
+# FER+ vote columns -> FER2013 class index, by canonical name (contempt, unknown and not-a-face have none)
+_FERPLUS = {name: i for i, name in enumerate(CANONICAL)}
 
 
 @dataclass
 class Faces:
-    """Every face of a source with a split (train first, then test), decoded."""
+    """Every face of a source (train first, then the other splits), decoded as 48x48 gray."""
 
     ids: list[str]
     labels: np.ndarray  # int64
@@ -76,10 +82,16 @@ class Faces:
     pixels: np.ndarray  # uint8 N x 48 x 48
     files: list[tuple] | None  # per face (format, mode, "WxH", JPEG quality or None); None: no files (CSV)
     source: Source
+    subjects: list[str | None]  # per face: the person, where the dataset says (CK+, JAFFE)
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(getattr(self.source, "classes", CLASSES))
+        return tuple(self.source.classes)
+
+    @property
+    def unsplit(self) -> bool:
+        """A dataset without a split (one split, `all`): nothing to compare across."""
+        return bool(len(self.usage)) and bool((self.usage == "all").all())
 
     def split(self, name: str) -> np.ndarray:
         """Row mask of a split: test is both halves (and test faces of unknown half); others as named."""
@@ -95,26 +107,31 @@ def _need(module: str):
         raise UserError(f"the audit needs {module}: pip install '{EXTRA}'") from None
 
 
-def read_faces(source: str | os.PathLike | Source | None, dataset: str | None = None) -> Faces:
-    """Decode every face of a source once (data.py's readers), with its file's header.
+def read_faces(source: str | os.PathLike | Source | None, dataset: str | None = None,
+               classes: str | list[str] | None = None) -> Faces:
+    """Decode every face of a source once (data.py's readers, as 48x48 gray), with its file's header.
 
-    `source` is anything `datasets.open_dataset` reads (its layout detected, or named by `dataset`).
+    `source` is anything `datasets.open_dataset` reads (its layout detected, or named by `dataset`;
+    a generic folder's `classes`).
     """
     from fercache.datasets import open_dataset
 
-    src = source if isinstance(source, Source) else open_dataset(source, dataset)
+    src = source if isinstance(source, Source) else open_dataset(source, dataset, classes)
     entries = [e for e in src.entries if e.usage == "train"] + [e for e in src.entries if e.usage != "train"]
     if not entries:
         raise UserError(f"{src.path}: no images to audit")
     keep, chunks = [], []
-    for positions, chunk in src.stream(entries):
-        keep += positions
-        chunks.append(chunk)
+    with warnings.catch_warnings():  # measured as 48x48 gray by design: the files column says how they are stored
+        warnings.filterwarnings("ignore", ".* were not 48x48 gray and were converted", FERCacheWarning)
+        for positions, chunk in src.stream(entries):
+            keep += positions
+            chunks.append(chunk)
     if not keep:
         raise UserError(f"{src.path}: none of its {len(entries)} images could be read")
     entries = [entries[i] for i in keep]
     return Faces([e.id for e in entries], np.array([e.label for e in entries], dtype=np.int64),
-                 np.array([e.usage for e in entries]), np.concatenate(chunks), _file_headers(src, entries), src)
+                 np.array([e.usage for e in entries]), np.concatenate(chunks), _file_headers(src, entries), src,
+                 [e.subject for e in entries])
 
 
 def _file_headers(src: Source, entries: list) -> list[tuple] | None:
@@ -126,12 +143,13 @@ def _file_headers(src: Source, entries: list) -> list[tuple] | None:
 
     if not all(isinstance(e.ref, str) for e in entries):
         return None
-    archive = zipfile.ZipFile(src.path) if src.path.is_file() and zipfile.is_zipfile(src.path) else None
+    opened = src.archive is None and src.format != "folder"  # the zip the index read, else one opened here
+    archive = zipfile.ZipFile(src.path) if opened else src.archive
     qualities: dict[bytes, int] = {}
     out = []
     try:
         for e in entries:
-            data = archive.read(e.ref) if archive else Path(e.ref).read_bytes()
+            data = Path(e.ref).read_bytes() if src.format == "folder" else archive.read(e.ref)
             with Image.open(io.BytesIO(data)) as im:
                 table = (getattr(im, "quantization", None) or {}).get(0)
                 quality = None
@@ -142,7 +160,7 @@ def _file_headers(src: Source, entries: list) -> list[tuple] | None:
     except (OSError, KeyError, zipfile.BadZipFile):
         return None  # a file data.py skipped or could not read: the decoded statistics still stand
     finally:
-        if archive:
+        if opened:
             archive.close()
     return out
 
@@ -254,8 +272,11 @@ def shift_test(faces: Faces, stats: dict[str, np.ndarray]) -> dict:
     largest = max(((abs(s["cliffs_delta"]), k, c) for c in comparisons for k, s in c["stats"].items()),
                   default=None, key=lambda t: t[0])
     flagged = bool(reasons)
-    if not comparisons:
-        verdict = "no shift test: the source has one split only"
+    if faces.unsplit:
+        verdict = (f"no shift test: {faces.source.dataset} has no train/test split (one split, all), so there "
+                   "is nothing to compare; its statistics and files are in the table")
+    elif not comparisons:
+        verdict = f"no shift test: the source has one split only ({', '.join(splits)})"
     elif flagged:
         verdict = "SHIFT: " + "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
     else:
@@ -331,25 +352,43 @@ def exact_pairs(pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def summarise_groups(faces: Faces, groups: list[np.ndarray]) -> dict:
-    """Counts of groups by where they lie and whether their labels agree, and the groups themselves."""
-    train = faces.usage == "train"
-    counts = {"groups": len(groups), "within_train": 0, "within_test": 0, "across": 0, "conflicting_labels": 0,
-              "faces": int(sum(len(g) for g in groups)), "test_with_train_copy": 0,
-              "public_test_with_train_copy": 0, "private_test_with_train_copy": 0}
+    """Counts of groups by where they lie and whether their labels agree, and the groups themselves.
+
+    With a split: `within_train`, `within_test`, `across` (train and test), `with_val` (any other
+    group holding a val face) and the test faces with a train copy. Without one (`Faces.unsplit`):
+    `within` (every group) and, where subjects are known, `across_subjects`.
+    """
+    train, test = faces.split("train"), faces.split("test")
+    if faces.unsplit:
+        counts = {"groups": len(groups), "within": 0}
+        if all(s is not None for s in faces.subjects):
+            counts["across_subjects"] = 0
+    else:
+        counts = {"groups": len(groups), "within_train": 0, "within_test": 0, "across": 0,
+                  **({"with_val": 0} if (faces.usage == "val").any() else {}), "test_with_train_copy": 0,
+                  "public_test_with_train_copy": 0, "private_test_with_train_copy": 0}
+    counts.update(conflicting_labels=0, faces=int(sum(len(g) for g in groups)))
     listed = []
     for g in groups:
-        where = "across" if train[g].any() and not train[g].all() else ("within_train" if train[g].all()
-                                                                         else "within_test")
-        counts[where] += 1
-        conflict = len(set(faces.labels[g].tolist())) > 1
-        counts["conflicting_labels"] += conflict
-        if where == "across":
-            tests = g[~train[g]]
+        if faces.unsplit:
+            where = "within"
+        elif train[g].any() and test[g].any():
+            where = "across"
+            tests = g[test[g]]
             counts["test_with_train_copy"] += len(tests)
             for half in ("public_test", "private_test"):
                 counts[f"{half}_with_train_copy"] += int((faces.usage[tests] == half).sum())
+        else:
+            where = "within_train" if train[g].all() else "within_test" if test[g].all() else "with_val"
+        counts[where] += 1
+        people = {faces.subjects[i] for i in g}
+        if "across_subjects" in counts and len(people) > 1:
+            counts["across_subjects"] += 1
+        conflict = len(set(faces.labels[g].tolist())) > 1
+        counts["conflicting_labels"] += conflict
         listed.append({"where": where, "conflict": conflict, "ids": [faces.ids[i] for i in g],
-                       "splits": faces.usage[g].tolist(), "labels": [faces.classes[c] for c in faces.labels[g]]})
+                       "splits": faces.usage[g].tolist(), "labels": [faces.classes[c] for c in faces.labels[g]],
+                       **({"subjects": sorted(people)} if None not in people else {})})
     return {"counts": counts, "groups": listed}
 
 
@@ -370,6 +409,10 @@ def duplicate_groups(faces: Faces, stats: dict[str, np.ndarray] | None = None,
     groups = {"exact": _components(n, exact), "near": _components(n, np.concatenate([exact, near]))}
     report = {"blank": {s: int(blank[faces.split(s)].sum()) for s in _splits(faces)},
               "threshold": {"phash_bits": HASH_BITS, "blank_std": BLANK_STD}}
+    if faces.unsplit:
+        report["note"] = (f"{faces.source.dataset} has no train/test split: no copies across splits; groups are "
+                          "counted within its one split" + (", and across subjects (two people's faces alike: what "
+                          "subject-independent folds would leak)" if None not in faces.subjects else ""))
     if features is not None:
         cos_pairs, threshold = cosine_pairs(features, rows, rows[faces.usage[rows] != "train"], near, exact)
         report["threshold"]["cosine"] = threshold
@@ -405,32 +448,39 @@ def cosine_pairs(features: np.ndarray, rows: np.ndarray, queries: np.ndarray, ne
     return np.sort(np.concatenate(found), axis=1), round(threshold, 6)
 
 
-def test_duplicates(source: str | os.PathLike | Source | None, kind: str = "near",
+def test_duplicates(source: str | os.PathLike | Source | Origin | None, kind: str = "near",
                     store: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """{test id: [ids of its train copies]} for every test face with a copy in train, `kind` exact or near.
 
     For scoring: drop the listed train faces (`--exclude-duplicates`) or report accuracy on the test
     faces absent from the keys. Kept in `<data dir>/cache/duplicates-<content hash>.json` (`store`
-    to put it elsewhere) so a source is hashed once; seconds to recompute where it cannot be written.
+    to put it elsewhere) under the source's fingerprint, so a source is searched once; seconds to
+    recompute where it cannot be written. An `Origin` (a cache's source) names its dataset and
+    classes and the fingerprint the cache recorded: a list kept under it is read back without
+    opening the source, and a source whose content differs from the cache's is refused.
     """
     if kind not in ("exact", "near"):
         raise UserError(f"unknown duplicate kind '{kind}': choose exact or near")
     from fercache.datasets import open_dataset
 
-    src = source if isinstance(source, Source) else open_dataset(source)
+    recorded = source.fingerprint if isinstance(source, Origin) else ""
+    if recorded and (saved := _kept(_store(store, recorded), recorded)) is not None:
+        return saved[kind]
+    src = source if isinstance(source, Source) else source.open() if isinstance(source, Origin) else \
+        open_dataset(source)
     fingerprint = src.fingerprint()
-    path = Path(store) if store else data_dir() / "cache" / f"duplicates-{fingerprint.split(':')[1][:16]}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") == fingerprint and saved.get("phash_bits") == HASH_BITS:
-            return saved[kind]
+    if recorded and fingerprint != recorded:
+        raise UserError(f"{src.path} is not the source the cache was made from (its content has changed)")
+    path = _store(store, fingerprint)
+    if (saved := _kept(path, fingerprint)) is not None:
+        return saved[kind]
     faces = read_faces(src)
     _, groups = duplicate_groups(faces)
-    train = faces.usage == "train"
+    train, test = faces.split("train"), faces.split("test")
     found = {}
     for name, gs in groups.items():
         found[name] = {faces.ids[t]: [faces.ids[r] for r in g[train[g]]]
-                       for g in gs if train[g].any() for t in g[~train[g]]}
+                       for g in gs if train[g].any() for t in g[test[g]]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -439,6 +489,21 @@ def test_duplicates(source: str | os.PathLike | Source | None, kind: str = "near
     except OSError as exc:
         warn(f"{path}: could not keep the duplicate list ({exc}); it is recomputed next time")
     return found[kind]
+
+
+def _store(store: str | os.PathLike | None, fingerprint: str) -> Path:
+    """Where `test_duplicates` keeps a source's list: `store`, else by the source's content hash."""
+    return Path(store) if store else data_dir() / "cache" / f"duplicates-{fingerprint.split(':')[1][:16]}.json"
+
+
+def _kept(path: Path, fingerprint: str) -> dict | None:
+    """The list kept at `path` if it was found for this content at this threshold, else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(saved, dict) and saved.get("fingerprint") == fingerprint and saved.get("phash_bits") == HASH_BITS
+    return saved if ok else None
 
 
 def ferplus_rows(faces: Faces) -> np.ndarray | None:
@@ -476,28 +541,36 @@ def ferplus_relabelled(path: str | os.PathLike, rows: np.ndarray, labels: np.nda
 
 def label_issues(faces: Faces, features: np.ndarray, ferplus: str | os.PathLike | None = None,
                  seed: int = 0) -> dict:
-    """Suspected label errors among train faces: cleanlab on out-of-fold probabilities of a linear head.
+    """Suspected label errors among train faces (every face without a split): cleanlab on out-of-fold
+    probabilities of a linear head.
 
-    Each of `FOLDS` stratified folds is predicted by `heads.fit_linear` (Adam at `LR`, `EPOCHS`
+    Each of `FOLDS` stratified folds (keeping each person's faces in one fold where the dataset
+    names them, as its own cross-validation does) is predicted by `heads.fit_linear` (Adam at `LR`, `EPOCHS`
     epochs or at least `MIN_STEPS` steps, nothing tuned) fitted on the other four: seconds even on raw
     pixels, where L-BFGS logistic regression with its C search takes minutes per fit on 2 cores.
     """
     cleanlab_filter = _need("cleanlab.filter")
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from fercache.heads import fit_linear
 
     started = time.perf_counter()
-    train = np.flatnonzero(faces.usage == "train")
+    among = "all" if faces.unsplit else "train"
+    train = np.flatnonzero(faces.usage == among)
     X, y = np.asarray(features[train], dtype=np.float32), faces.labels[train]
-    proba = np.zeros((len(y), len(CLASSES)))  # fit_linear's heads have a row per FER2013 class
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
-    for fit_rows, held in folds.split(X, y):
+    proba = np.zeros((len(y), len(faces.classes)))
+    people = [faces.subjects[i] for i in train]
+    if None in people:
+        people, folds = None, StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    else:
+        folds = StratifiedGroupKFold(FOLDS, shuffle=True, random_state=seed)
+    for fit_rows, held in folds.split(X, y, people):
         epochs = max(EPOCHS, -(-MIN_STEPS // -(-len(fit_rows) // 256)))
-        head, _ = fit_linear(X[fit_rows], y[fit_rows], epochs=epochs, lr=LR, seed=seed)
+        head, _ = fit_linear(X[fit_rows], y[fit_rows], epochs=epochs, lr=LR, seed=seed, classes=len(faces.classes))
         proba[held] = head.predict_proba(X[held])
     ranked = cleanlab_filter.find_label_issues(y, proba, return_indices_ranked_by="self_confidence", n_jobs=1)
-    out = {"count": int(len(ranked)), "of": int(len(y)), "folds": FOLDS, "head": f"linear, {EPOCHS} epochs",
+    out = {"count": int(len(ranked)), "of": int(len(y)), "among": among, "folds": FOLDS,
+           "by_subject": people is not None, "head": f"linear, {EPOCHS} epochs",
            "oof_accuracy": round(float((proba.argmax(1) == y).mean()), 4),
            "seconds": round(time.perf_counter() - started, 2),
            "ranked": [{"id": faces.ids[train[i]], "label": faces.classes[y[i]],
@@ -529,7 +602,7 @@ def cached_features(cache: str | os.PathLike, faces: Faces) -> np.ndarray:
     from fercache.cache import load_embeddings
 
     xs, ids = [], []
-    for split in ("train", "test"):
+    for split in ("train", "val", "test", "all"):  # what `extract --split all` stores of each kind of dataset
         if faces.split(split).any():
             e = load_embeddings(cache, split)
             xs.append(e.X)
@@ -544,18 +617,27 @@ def cached_features(cache: str | os.PathLike, faces: Faces) -> np.ndarray:
 
 def audit(data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, ferplus: str | os.PathLike | None = None,
-          dataset: str | None = None) -> dict:
-    """Run every check; write `audit.json` and `audit.html` to `out` (when given); return the report."""
+          dataset: str | None = None, classes: str | list[str] | None = None) -> dict:
+    """Run every check; write `audit.json` and `audit.html` to `out` (when given); return the report.
+
+    The source is `data` read as `dataset` (a generic folder: with its `classes`); given a `cache`
+    and neither, as the cache was made (its dataset and classes; its source where `data` is None).
+    """
+    from fercache.cache import read_meta
+
     _need("imagehash")
     started = time.perf_counter()
-    faces = read_faces(data, dataset)
+    if cache is not None and dataset is None and classes is None:
+        faces = read_faces(Origin.of(read_meta(Path(cache)), data).open())
+    else:
+        faces = read_faces(data, dataset, classes)
     stats = face_stats(faces.pixels)
     features = cached_features(cache, faces) if cache else None
     duplicates, groups = duplicate_groups(faces, stats, features)
     report = {"source": {"path": str(faces.source.path), "format": faces.source.format, "count": len(faces.ids),
-                         "dataset": getattr(faces.source, "dataset", "fer2013")},
+                         "dataset": faces.source.dataset, "classes": list(faces.classes)},
               "splits": split_stats(faces, stats), "shift": shift_test(faces, stats), "duplicates": duplicates}
-    if features is not None and (faces.usage == "train").any():
+    if features is not None and (faces.unsplit or (faces.usage == "train").any()):
         report["label_issues"] = label_issues(faces, features, ferplus)
     report["seconds"] = round(time.perf_counter() - started, 2)
     if out is not None:
@@ -567,6 +649,15 @@ def audit(data: str | os.PathLike | None = None, cache: str | os.PathLike | None
     return report
 
 
+COUNTS = ("groups", "within_train", "within_test", "across", "with_val", "within", "across_subjects",
+          "conflicting_labels", "test_with_train_copy")  # the duplicate counts tables show, where a source has them
+
+
+def _count_keys(d: dict) -> list[str]:
+    counts = d["near"]["counts"]
+    return [k for k in COUNTS if k in counts]
+
+
 def summary_lines(report: dict) -> list[str]:
     """What the terminal shows: per-split medians, the verdict, duplicate counts, label issues."""
     from fercache.report import format_table
@@ -576,17 +667,20 @@ def summary_lines(report: dict) -> list[str]:
              "per-split medians:",
              format_table(["split", "faces", *STATS, "blank"], rows), report["shift"]["verdict"]]
     d = report["duplicates"]
-    keys = ["groups", "within_train", "within_test", "across", "conflicting_labels", "test_with_train_copy"]
+    keys = _count_keys(d)
     kinds = [k for k in ("exact", "near", "cosine") if k in d]
     lines.append(format_table(["duplicates", *keys], [[k, *(d[k]["counts"][c] for c in keys)] for k in kinds]))
     thresholds = d["threshold"]
     lines.append(f"near: pHash within {thresholds['phash_bits']} of 64 bits (exact copies included)"
                  + (f"; cosine >= {thresholds['cosine']:.4f}" if thresholds.get("cosine") else "")
                  + f"; blank faces left out: {', '.join(f'{s} {n:,}' for s, n in d['blank'].items())}")
+    if d.get("note"):
+        lines.append(d["note"])
     if "label_issues" in report:
         li = report["label_issues"]
-        line = (f"suspected label errors: {li['count']:,} of {li['of']:,} train faces (cleanlab, {li['folds']}-fold "
-                f"out-of-fold {li['head']}, accuracy {li['oof_accuracy']:.4f})")
+        line = (f"suspected label errors: {li['count']:,} of {li['of']:,} {li['among']} faces (cleanlab, "
+                f"{li['folds']}-fold out-of-fold {li['head']}{', folds by subject' if li['by_subject'] else ''}, "
+                f"accuracy {li['oof_accuracy']:.4f})")
         fp = li.get("ferplus", {})
         if fp.get("relabelled_among_flagged") is not None:
             line += (f"; FER+ relabelled {fp['relabelled_among_flagged']:.1%} of them "
@@ -618,21 +712,34 @@ def _histograms(faces: Faces, stats: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _face(faces: Faces, row: int, caption: str) -> str:
+def _face(faces: Faces, row: int, caption: str, pictures: dict[str, np.ndarray]) -> str:
+    """One face of a gallery: as stored where `pictures` holds it, else as audited (48x48 gray)."""
     esc = html.escape
-    return (f'<div class=face><img alt="{esc(faces.ids[row])}" src="{data_uri(face_png(faces.pixels[row]))}"><br>'
-            f"{caption}<br><span class=ci>{esc(Path(faces.ids[row]).name)}</span></div>")
+    i = faces.ids[row]
+    return f"<div class=face>{face_img(pictures.get(i, faces.pixels[row]), i)}<br>{caption}<br>" \
+           f"<span class=ci>{esc(Path(i).name)}</span></div>"
 
 
-def _group_gallery(faces: Faces, groups: list[dict], where: dict[str, int]) -> str:
+def _group_gallery(faces: Faces, groups: list[dict], where: dict[str, int], pictures: dict[str, np.ndarray]) -> str:
     parts = ["<div class=groups>"]
     for g in groups[:GALLERY]:
         members = sorted(zip(g["ids"], g["splits"], g["labels"]), key=lambda m: m[1] == "train")[:6]  # test first
         parts.append("<div class=group>" + "".join(
-            _face(faces, where[i], f"{s} · <span class={'pred' if g['conflict'] else 'true'}>{lab}</span>")
+            _face(faces, where[i], f"{s} · <span class={'pred' if g['conflict'] else 'true'}>{lab}</span>", pictures)
             for i, s, lab in members)
             + (f"<span class=ci>+{len(g['ids']) - 6}</span>" if len(g["ids"]) > 6 else "") + "</div>")
     return "".join(parts) + "</div>"
+
+
+def _as_stored(faces: Faces, ids: list[str]) -> dict[str, np.ndarray]:
+    """The shown faces as their files hold them (colour, own size) where those are not 48x48 gray,
+    as `report.html` shows a native run's faces; {} where they are, or cannot be read again."""
+    if faces.files is None or all(f[1] == "L" and f[2] == "48x48" for f in faces.files):
+        return {}
+    try:
+        return faces_of(faces.source, ids, native=True)
+    except (UserError, OSError, ValueError):
+        return {}
 
 
 def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarray]) -> Path:
@@ -645,7 +752,9 @@ def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarr
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>audit · {esc(report['source']['path'])}"
              f"</title><style>{css}</style></head><body>",
              f"<h1>Audit of {esc(report['source']['path'])}</h1>",
-             f"<p class=sub>{esc(report['source']['format'])}, {report['source']['count']:,} faces</p>",
+             f"<p class=sub>{esc(report['source']['dataset'])} as {esc(report['source']['format'])}, "
+             f"{report['source']['count']:,} faces; statistics and hashes of each face as 48x48 gray, the faces "
+             "below as stored</p>",
              f"<p class={'flag' if shift['flagged'] else 'ok'}>{esc(shift['verdict'])}</p>"]
     parts.append("<h2>Splits</h2><table><tr><th>split</th><th>faces</th>"
                  + "".join(f"<th>{k} median [q1, q3]</th>" for k in STATS) + "<th>blank</th><th>files</th></tr>")
@@ -661,15 +770,18 @@ def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarr
     parts.append("</table>")
     parts.append(f'<figure><img alt="histograms" src="{data_uri(_histograms(faces, stats))}"><figcaption>Per-split '
                  "distributions (density)</figcaption></figure>")
-    parts.append(f"<h2>Shift test</h2><p>Cliff's delta per statistic; flagged at |delta| &ge; {MEDIUM} (a medium "
-                 "effect). Standardised mean differences beside it.</p><table><tr><th>comparison</th>"
-                 + "".join(f"<th>{k}</th>" for k in STATS) + "</tr>")
-    for c in shift["comparisons"]:
-        parts.append(f"<tr><td>{c['a']} vs {c['b']}</td>" + "".join(
-            f"<td class={'flag' if s['flagged'] else ''}>{s['cliffs_delta']:+.3f} <span class=ci>d {s['smd']:+.2f}"
-            "</span></td>" for s in c["stats"].values()) + "</tr>")
-    parts.append("</table>")
-    keys = ["groups", "within_train", "within_test", "across", "conflicting_labels", "test_with_train_copy", "faces"]
+    if shift["comparisons"]:
+        parts.append(f"<h2>Shift test</h2><p>Cliff's delta per statistic; flagged at |delta| &ge; {MEDIUM} (a medium "
+                     "effect). Standardised mean differences beside it.</p><table><tr><th>comparison</th>"
+                     + "".join(f"<th>{k}</th>" for k in STATS) + "</tr>")
+        for c in shift["comparisons"]:
+            parts.append(f"<tr><td>{c['a']} vs {c['b']}</td>" + "".join(
+                f"<td class={'flag' if s['flagged'] else ''}>{s['cliffs_delta']:+.3f} <span class=ci>d "
+                f"{s['smd']:+.2f}</span></td>" for s in c["stats"].values()) + "</tr>")
+        parts.append("</table>")
+    else:
+        parts.append(f"<h2>Shift test</h2><p>{esc(shift['verdict'])}.</p>")
+    keys = [*_count_keys(d), "faces"]
     kinds = [k for k in ("exact", "near", "cosine") if k in d]
     parts.append("<h2>Duplicates</h2><table><tr><th>kind</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>")
     for k in kinds:
@@ -677,28 +789,37 @@ def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarr
     parts.append(f"</table><p class=sub>near: pHash within {HASH_BITS} of 64 bits, exact copies included; "
                  f"blank faces (pixel sd &lt; {BLANK_STD:g}) left out: "
                  f"{esc(', '.join(f'{s} {n:,}' for s, n in d['blank'].items()))}</p>")
-    galleries = [("Near duplicates across train and test", [g for g in d["near"]["groups"] if g["where"] == "across"]),
+    if d.get("note"):
+        parts.append(f"<p class=note>{esc(d['note'])}</p>")
+    crossing = (("Near duplicates across subjects", lambda g: len(g.get("subjects", ())) > 1) if faces.unsplit else
+                ("Near duplicates across train and test", lambda g: g["where"] == "across"))
+    galleries = [(crossing[0], [g for g in d["near"]["groups"] if crossing[1](g)]),
                  ("Near duplicates whose labels conflict", [g for g in d["near"]["groups"] if g["conflict"]]),
                  ("Near but not identical", [g for g in d["near"]["groups"]
                                              if len({faces.pixels[where[i]].tobytes() for i in g["ids"]}) > 1])]
     if "cosine" in d:
         near_group = {i: k for k, g in enumerate(d["near"]["groups"]) for i in g["ids"]}
-        galleries.append(("Cosine duplicates across train and test, not near by hash",
-                          [g for g in d["cosine"]["groups"] if g["where"] == "across"
+        galleries.append((crossing[0].replace("Near", "Cosine") + ", not near by hash",
+                          [g for g in d["cosine"]["groups"] if crossing[1](g)
                            and len({near_group.get(i, i) for i in g["ids"]}) > 1]))
+    blank = np.flatnonzero(stats["contrast"] < BLANK_STD)
+    ranked = report["label_issues"]["ranked"][:GALLERY] if "label_issues" in report else []
+    pictures = _as_stored(faces, [i for _, groups in galleries for g in groups[:GALLERY] for i in g["ids"][:6]]
+                          + [faces.ids[r] for r in blank[:GALLERY]] + [r["id"] for r in ranked])
     for title, groups in galleries:
         parts.append(f"<h2>{title}: {len(groups):,} groups{f', the first {GALLERY}' if len(groups) > GALLERY else ''}"
                      "</h2>")
-        parts.append(_group_gallery(faces, groups, where))
-    blank = np.flatnonzero(stats["contrast"] < BLANK_STD)
+        parts.append(_group_gallery(faces, groups, where, pictures))
     if len(blank):
         parts.append(f"<h2>Blank faces: {len(blank):,}</h2><div class=faces>" + "".join(
-            _face(faces, r, f"{faces.usage[r]} · {faces.classes[faces.labels[r]]}") for r in blank[:GALLERY]) + "</div>")
+            _face(faces, r, f"{faces.usage[r]} · {faces.classes[faces.labels[r]]}", pictures)
+            for r in blank[:GALLERY]) + "</div>")
     if "label_issues" in report:
         li = report["label_issues"]
-        parts.append(f"<h2>Suspected label errors: {li['count']:,} of {li['of']:,} train faces</h2><p class=sub>"
-                     f"cleanlab on {li['folds']}-fold out-of-fold probabilities ({li['head']} heads); the most "
-                     "confident first: given label, then the head's guess</p>")
+        parts.append(f"<h2>Suspected label errors: {li['count']:,} of {li['of']:,} {li['among']} faces</h2>"
+                     f"<p class=sub>cleanlab on {li['folds']}-fold out-of-fold probabilities ({li['head']} heads"
+                     f"{', folds by subject' if li['by_subject'] else ''}); the most confident first: given label, "
+                     "then the head's guess</p>")
         fp = li.get("ferplus", {})
         if fp.get("relabelled_among_flagged") is not None:
             parts.append(f"<p>FER+ annotators relabelled {fp['relabelled_among_flagged']:.1%} of these faces "
@@ -708,7 +829,7 @@ def write_html(path: Path, report: dict, faces: Faces, stats: dict[str, np.ndarr
             parts.append(f"<p class=note>{esc(fp['note'])}</p>")
         parts.append("<div class=faces>" + "".join(
             _face(faces, where[r["id"]], f"<span class=true>{r['label']}</span> → <span class=pred>{r['predicted']}"
-                                         f"</span> {r['label_probability']:.3f}") for r in li["ranked"][:GALLERY]) + "</div>")
+                                         f"</span> {r['label_probability']:.3f}", pictures) for r in ranked) + "</div>")
     parts.append("</body></html>\n")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -530,7 +530,8 @@ def describe_cache(cache: str | os.PathLike) -> dict:
         meta = read_attrs(f)
         classes = dataset_of(meta)[1]
         splits = {}
-        for name in f:
+        order = list(SPLIT_CHOICES)  # train before test, as `info DATASET` lists them (HDF5 keeps names sorted)
+        for name in sorted(f, key=lambda n: (order.index(n) if n in order else len(order), n)):
             g = f[name]
             counts = np.bincount(g["labels"][:], minlength=len(classes))
             splits[name] = {"count": int(g["labels"].shape[0]), "complete": bool(g.attrs.get("complete", False)),

@@ -56,7 +56,10 @@ ExcludeDuplicatesOpt = typer.Option(False, "--exclude-duplicates", help="Leave o
                                     "train and test (exact or near, as `audit` finds them): train faces in fit, "
                                     "finetune and probe; the scored split's in evaluate.")
 DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16; "
-                        "int8 (CPU: Linear layers quantised, fidelity measured and stored).")
+                        "int8 (CPU: Linear layers quantised, fidelity measured and stored; a cache of its own).")
+RuntimeOpt = typer.Option(None, help="What runs the encoder: auto (ONNX Runtime for float32 and int8 on the CPU "
+                          "where the `cpu` extra is installed, about 2x torch; else torch), torch or onnxruntime "
+                          "[default: $FERCACHE_RUNTIME or auto].")
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
 ExtractBatchOpt = typer.Option(None, "--batch-size", help="Images per forward pass of the encoder "
                                "[default: 64; 256 on CUDA].")
@@ -157,13 +160,15 @@ def _echo_fit(result) -> None:
         typer.echo(f"{f['count']} subject-independent folds ({f['subjects']} subjects, --folds {f['folds']}): accuracy "
                    f"{f['accuracy_mean']:.4f} ± {f['accuracy_std']:.4f}, macro-F1 {f['macro_f1_mean']:.4f} ± "
                    f"{f['macro_f1_std']:.4f} (mean ± sd over folds); pooled: every face predicted once, by the fold "
-                   "that held it out; the saved head is fitted on all faces")
+                   "that held it out; " + ("each fold's tuned model is in its fold-<k>/" if "blocks" in m
+                                           else "the saved head is fitted on all faces"))
     if m.get("few_shot"):
         fs = m["few_shot"]
         typer.echo(f"{fs['shots']} faces per class, {fs['repeats']} draws: accuracy {fs['accuracy_mean']:.4f} ± "
                    f"{fs['accuracy_std']:.4f}, macro-F1 {fs['macro_f1_mean']:.4f} ± {fs['macro_f1_std']:.4f} "
                    "(mean ± sd; the head and figures above are the first draw's)")
     weights = "tuned.safetensors, tuned.json" if "blocks" in m else "head.safetensors, head.json"
+    weights = f"fold-*/ ({weights}, fold.json)" if "blocks" in m and m.get("folds") else weights
     typer.echo(f"wrote {result.out}/: metrics.json, report.html, predictions.csv, history.csv, *.png, {weights}")
 
 
@@ -189,6 +194,7 @@ def run(
     folds: Optional[str] = typer.Option(None, "--folds", help="Datasets without a split: K subject-independent "
                                         "folds or 'subjects' [default: 10 there; none where there is a split]."),
     labels: Optional[str] = LabelsOpt,
+    runtime: Optional[str] = RuntimeOpt,
 ) -> None:
     """The whole job: extract train and test (reusing the cache), fit the head, report on test.
 
@@ -200,7 +206,7 @@ def run(
     with _stage_one(device, file_locking) as (device, rank):
         summaries, result = run_all(data, model, preprocess, device, dtype, batch_size, method, epochs, limit,
                                     cache, out, revision=revision, dataset=dataset, classes=classes, votes=votes,
-                                    images=images, folds=folds, labels=labels)
+                                    images=images, folds=folds, labels=labels, runtime=runtime)
     if rank == 0:
         for summary in summaries:
             typer.echo(str(summary))
@@ -221,7 +227,8 @@ def info(path: Path = typer.Argument(..., help="A dataset (zip, folder, CSV) or 
     if as_json:
         return _emit(desc)
     if is_cache:
-        typer.echo(f"{path}: cache of {desc['model']} ({desc['preprocess']} preprocessing, {desc['dtype']}, "
+        ran = f" on {desc['runtime']}" if desc.get("runtime") else ""
+        typer.echo(f"{path}: cache of {desc['model']} ({desc['preprocess']} preprocessing, {desc['dtype']}{ran}, "
                    f"{desc['feature']}) on {desc.get('dataset', 'fer2013')} ({desc.get('images') or '48x48 gray'} "
                    f"images); made by fercache {desc['fercache_version']} from {desc['source']['path']}")
         if "int8_fidelity" in desc:
@@ -269,6 +276,7 @@ def extract(
     classes: Optional[str] = ClassesOpt,
     votes: Optional[Path] = VotesOpt,
     images: str = ImagesOpt,
+    runtime: Optional[str] = RuntimeOpt,
 ) -> None:
     """Stage one: encode a dataset (FER2013 by default) with a frozen vision model, once, into an HDF5 cache.
 
@@ -279,7 +287,7 @@ def extract(
     with _stage_one(device, file_locking) as (device, rank):
         summaries = run_extract(data, split, model, preprocess, device, dtype, batch_size, limit, cache,
                                 force, layers, tta, strict, revision=revision, tokens=tokens, dataset=dataset,
-                                classes=classes, votes=votes, images=images)
+                                classes=classes, votes=votes, images=images, runtime=runtime)
     if rank == 0:
         for summary in summaries:
             typer.echo(str(summary))
@@ -344,13 +352,16 @@ def finetune(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="With --from-images: random resized crop, "
                                  "flip and small rotation."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<cache-stem>-finetune-top<N>]."),
-    restart: bool = typer.Option(False, "--restart", help="Discard the run folder's checkpoint instead of resuming."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the run folder's checkpoint (with --folds, every "
+                                 "finished fold too) instead of resuming."),
     labels: Optional[str] = LabelsOpt,
     exclude_duplicates: bool = ExcludeDuplicatesOpt,
+    folds: Optional[str] = FoldsOpt,
 ) -> None:
     """Stage three: tune the top blocks, the final norm and a linear head; report like fit, save the weights.
 
-    An interrupted run resumes from its last epoch's checkpoint when the same command is run again.
+    An interrupted run resumes from its last epoch's checkpoint (and, over folds, its finished folds)
+    when the same command is run again.
     """
     from fercache.finetune import finetune as run_finetune
 
@@ -360,13 +371,19 @@ def finetune(
                               weight_decay=weight_decay, label_smoothing=label_smoothing, layer_decay=layer_decay,
                               warmup=warmup, patience=patience, val=val, seed=seed, device=device, dtype=dtype,
                               augment=augment, out=out, restart=restart, exclude_duplicates=exclude_duplicates,
-                              labels=labels)
+                              labels=labels, folds=folds)
     except KeyboardInterrupt:
-        typer.echo("\nfercache: interrupted; finished epochs are kept: the same command again goes on from the last",
-                   err=True)
+        typer.echo("\nfercache: interrupted; finished epochs (and folds) are kept: the same command again goes on "
+                   "from the last", err=True)
         raise typer.Exit(130) from None
     _echo_fit(result)
     m = result.metrics
+    if m.get("folds"):
+        rows = m["folds"]["per_fold"]
+        typer.echo(f"each fold chose its epoch on a stratified 10% of its training part: "
+                   f"{', '.join(str(r['best_epoch']) for r in rows)} (0: the start, the linear probe); "
+                   f"{sum(r['read_back'] for r in rows)} of {len(rows)} folds read back from an earlier run")
+        return
     typer.echo(f"chosen at epoch {m['best_epoch']}{' (the start: the linear probe)' if m['best_epoch'] == 0 else ''} "
                f"on {'a part of train' if m['val'] == 'train' else 'PublicTest'} "
                f"({m['val_count']:,} faces); test is {m['test_split']}")
@@ -376,16 +393,22 @@ def finetune(
 def evaluate(
     head: Path = typer.Option(..., help="A run folder of `fercache fit` (a head) or `fercache finetune` (tuned blocks)."),
     cache: Optional[Path] = DefaultCacheOpt,
-    split: str = SplitOpt,
+    split: Optional[str] = typer.Option(None, help=f"{', '.join(SPLIT_CHOICES[:-1])} or all [default: test; all "
+                                        "on a dataset without a split, as CK+ and JAFFE]."),
     out: Optional[Path] = typer.Option(None, help="Folder for evaluate-<split>.json and its plot [default: the head's]."),
     exclude_duplicates: bool = ExcludeDuplicatesOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Score a saved head on a split of a cache made with the same model and preprocessing; on another
     dataset's cache, on the classes the two share (matched by expression), naming those left out."""
+    from fercache.cache import split_state
     from fercache.fit import evaluate as run_evaluate
     from fercache.report import format_table, unseen_line, with_interval
+    from fercache.runs import resolve_cache
 
+    if split is None:  # a dataset without a split (CK+, JAFFE) is stored whole, as `all`
+        path = resolve_cache(cache)
+        split = "all" if path.is_file() and split_state(path, "all")[1] is not None else "test"
     report = run_evaluate(cache, head, split, out, exclude_duplicates=exclude_duplicates)
     if as_json:
         return _emit(report)
@@ -549,13 +572,16 @@ def audit(
     ferplus: Optional[Path] = typer.Option(None, "--ferplus", help="FER+ votes (fer2013new.csv): how many suspected "
                                            "label errors FER+ relabelled (FER2013 sources, CSV or Kaggle)."),
     dataset: Optional[str] = DatasetOpt,
+    classes: Optional[str] = ClassesOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Is this copy sound? Train/test shift, exact and near duplicates (across splits too), label errors."""
+    """Is this copy sound? Train/test shift, exact and near duplicates (across splits too), label errors.
+
+    With --cache and neither --dataset nor --classes, the source is read as the cache was made."""
     from fercache.audit import audit as run_audit
     from fercache.audit import summary_lines
 
-    report = run_audit(data, cache, out, ferplus, dataset)
+    report = run_audit(data, cache, out, ferplus, dataset, classes)
     if as_json:
         return _emit(report)
     for line in summary_lines(report):

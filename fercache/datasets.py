@@ -623,6 +623,11 @@ def _folders(path: Path, files: Files, options: Options) -> Source:
         if parts[-2].lower() not in lower:
             raise UserError(f"{path}: class folder '{parts[-2]}' at {n} is not in --classes ({', '.join(options.classes)})")
         found.append((n, parts, split))
+    folders = {parts[-2].lower() for _, parts, _ in found}
+    if found and (missing := [c for c in options.classes if c.lower() not in folders]):
+        # more likely a typo than a class with no faces, which would give a head an output no face teaches
+        raise UserError(f"{path}: --classes names {', '.join(missing)}, but no class folder has that name "
+                        f"(found: {', '.join(sorted(folders))})")
     # ids: the path below the folders every image shares (a wrapping folder), so images in other folders
     # above <split>/<class> keep ids of their own
     common = len(os.path.commonprefix([parts[:-3 if split else -2] for _, parts, split in found]))

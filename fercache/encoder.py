@@ -25,6 +25,7 @@ from fercache.families import (FAMILIES, Family, family_of, feature_dims, featur
                                 vision_config)
 from fercache.identity import Identity
 from fercache.names import DEFAULT_MODEL, DTYPES, INT8, PIXELS, PREPROCESS, SIZE, choice, feature_name
+from fercache.onnxrt import ORT, TORCH, Graph, onnx_graph, pick_runtime
 from fercache.preprocess import Preprocessor, recipe_for
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bf16 matmul instructions (Linux /proc/cpuinfo)
@@ -61,13 +62,15 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
     CUDA: bfloat16 from compute capability 8.0 (Ampere) up, float16 below (T4, V100), since
     `torch.cuda.is_bf16_supported()` also counts emulation. CPU: bfloat16 where it has AMX-BF16 or
-    AVX512-BF16 instructions, else float32 (emulated bf16 runs at a quarter of float32's speed).
+    AVX512-BF16 instructions and torch may use them (ATEN_CPU_CAPABILITY below AVX-512 caps them),
+    else float32 (emulated bf16 runs at a quarter of float32's speed).
     """
     if dtype != "auto":
         return getattr(torch, choice(dtype, DTYPES + ("auto",), "dtype"))
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if device.type == "cpu" and cpu_flags() & set(NATIVE_BF16_FLAGS):
+    if (device.type == "cpu" and cpu_flags() & set(NATIVE_BF16_FLAGS)
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
         return torch.bfloat16
     return torch.float32
 
@@ -99,6 +102,7 @@ class Encoder:
     config: object = None  # the vision tower's config (where stage k's blocks end, ...)
     tower: Tower | None = None  # an OpenCLIP or timm model (then `model` is its module)
     reference: Encoder | None = None  # --dtype int8: the float32 encoder it is measured against, once
+    graph: Graph | None = None  # ONNX Runtime's session of `forward` (`fercache.onnxrt`), else torch runs it
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -141,20 +145,26 @@ class Encoder:
             flat = torch.as_tensor(pixels).reshape(len(pixels), -1)
             return {None: flat.float() / 255}
         keep = self.identity.tokens if tokens else None
+        x = self.prep(pixels)
+        feats = self.graph(x) if self.graph is not None else self.forward(x, keep)
+        # tokens as stored, float16 (made on the device: half the bytes to copy); a graph makes them for every view
+        return {layer: f.half() if layer == TOKENS else f.float() for layer, f in feats.items()
+                if layer != TOKENS or keep is not None}
+
+    def forward(self, pixel_values: torch.Tensor, keep: int | None) -> dict[int | str | None, torch.Tensor]:
+        """The model's own pass in its dtype: {None: pooled, k: after block k, `TOKENS`: entering block keep + 1}."""
         if self.tower is not None:
-            feats = self.tower.features(self.prep(pixels), self.layers, keep)
-            return {layer: f.half() if layer == TOKENS else f.float() for layer, f in feats.items()}
-        out = self.model(pixel_values=self.prep(pixels), output_hidden_states=bool(self.layers) or keep is not None)
+            return self.tower.features(pixel_values, self.layers, keep)
+        out = self.model(pixel_values=pixel_values, output_hidden_states=bool(self.layers) or keep is not None)
         feats = features(self.family, self.model, out, self.config, self.layers)
-        feats = {layer: f.float() for layer, f in feats.items()}
-        if keep is not None:  # the token sequence entering block keep + 1, for stage three, as stored:
-            feats[TOKENS] = out.hidden_states[keep].half()  # float16 made on the device, half the bytes to copy
+        if keep is not None:  # the token sequence entering block keep + 1, for stage three
+            feats[TOKENS] = out.hidden_states[keep]
         return feats
 
 
 def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: str = "auto",
                  dtype: str = "auto", layers: str | None = None, weights: bool = True, tokens: int | None = None,
-                 revision: str | None = None, fingerprint: str = "") -> Encoder:
+                 revision: str | None = None, fingerprint: str = "", runtime: str | None = TORCH) -> Encoder:
     """Load an encoder by hub id or local folder, at one exact checkpoint.
 
     `revision` (a branch, tag or commit; default `main`) is resolved to the commit hash that is
@@ -162,13 +172,16 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     and a local folder's `fingerprint` (the sha256 of its weight files) must still match.
     With `weights=False` only the model's config is read: enough for the identity that decides
     whether a cache already holds what is asked, in about a second. `image_size`, which needs the
-    image processor (slow to import), is filled in when the weights load.
+    image processor (slow to import), is filled in when the weights load. `runtime` (`fercache.onnxrt`):
+    torch, onnxruntime, or None/auto (ONNX Runtime for float32 and int8 on the CPU where installed).
     """
     dev = pick_device(device)
     if dtype == INT8:  # the float32 encoder, its Linear layers then quantised (`fercache.accelerate`)
         return int8_encoder(load_encoder(model, preprocess, device, "float32", layers=layers, weights=weights,
-                                         tokens=tokens, revision=revision, fingerprint=fingerprint), dev)
+                                         tokens=tokens, revision=revision, fingerprint=fingerprint), dev,
+                            pick_runtime(runtime, dev, INT8, model))
     if model == PIXELS:
+        pick_runtime(runtime, dev, "float32", model)  # --runtime onnxruntime: a one-line error
         if layers:
             raise UserError("--layers needs a neural encoder; the pixels baseline has none")
         if revision or tokens is not None:
@@ -177,8 +190,18 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
         return Encoder(Identity(PIXELS, "none", "pixels", "float32", image_size=SIZE), {None: SIZE * SIZE})
     choice(preprocess, PREPROCESS, "preprocessing")
     backend = backend_of(model)
-    if backend is not None:
-        return _library_encoder(backend, model, preprocess, dev, dtype, layers, weights, tokens, revision, fingerprint)
+    enc = (_library_encoder(backend, model, preprocess, dev, dtype, layers, weights, tokens, revision, fingerprint)
+           if backend is not None else _hf_encoder(model, preprocess, dev, dtype, layers, weights, tokens, revision,
+                                                   fingerprint))
+    enc.identity = replace(enc.identity, runtime=pick_runtime(runtime, dev, enc.identity.dtype, model))
+    if enc.identity.runtime == ORT and enc.model is not None:
+        enc.graph = onnx_graph(enc)
+    return enc
+
+
+def _hf_encoder(model: str, preprocess: str, dev: torch.device, dtype: str, layers: str | None, weights: bool,
+                tokens: int | None, revision: str | None, fingerprint: str) -> Encoder:
+    """A Hugging Face vision model as an `Encoder`, on torch."""
     checkpoint = resolve(model, revision, fingerprint)
     pin = checkpoint.load_kwargs
 

@@ -31,6 +31,7 @@ from fercache.encoder import Encoder, load_encoder, pick_device
 from fercache.errors import UserError, at_least_one, first_line, warn
 from fercache.identity import GRAY48, NATIVE
 from fercache.names import DEFAULT_MODEL, IMAGES, INT8, PIXELS, TTA, choice, default_cache, feature_name
+from fercache.onnxrt import RUNTIME_ENV
 
 VOTES = "votes"  # FER+'s 10 vote counts per row (float32), stored beside the features where the source has them
 
@@ -89,7 +90,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             layers: str | None = None, tta: str = "none", strict: bool = False,
             progress: bool = True, revision: str | None = None, tokens: int | None = None,
             dataset: str | None = None, classes: str | None = None, votes: str | os.PathLike | None = None,
-            images: str = "gray48") -> list[Summary]:
+            images: str = "gray48", runtime: str | None = None) -> list[Summary]:
     """Encode `split` (or `all`: train and test) into the cache; returns one summary per split.
 
     Under torchrun (see `fercache.distributed`) every rank runs this with the same arguments: each
@@ -101,6 +102,8 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     `votes` say what the data is where its layout does not (`datasets.open_dataset`); `images` is
     `gray48` (every face 48x48 gray, as FER2013's) or `native` (each image's own colour and size, the
     model's own processor rule applied); a dataset without a split is extracted whole, as `all`.
+    `runtime` (`fercache.onnxrt`; default $FERCACHE_RUNTIME, else auto: ONNX Runtime for float32 and
+    int8 on the CPU where installed); without one asked, a cache goes on with the runtime it records.
     """
     rank, world = rank_and_world()
     with step():  # every rank reads the cache here, before any rank commits to it
@@ -111,19 +114,22 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
             raise UserError("--images native needs a neural encoder: the pixels baseline is 48x48 gray by definition")
         source = open_dataset(data, dataset, classes, votes)
         encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False, revision=revision,
-                               tokens=tokens)
+                               tokens=tokens, runtime=runtime)
         fingerprint = source.fingerprint()
         identity = dataclasses.replace(encoder.identity, views=("plain", "flip") if tta == "flip" else ("plain",),
                                        source=fingerprint, images=NATIVE if images == "native" else GRAY48,
                                        classes=tuple(source.classes))
         path = Path(cache) if cache else default_cache(model, identity.preprocess, identity.layers, tta, tokens,
-                                                       source.dataset, images)
-        if path.exists() and not revision and not force:
+                                                       source.dataset, images, identity.dtype)
+        if path.exists() and not force:
             held = read_identity(path)
-            if held.model == model and held.revision and held.revision != identity.revision:
-                encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False, revision=held.revision,
-                                       tokens=tokens)
-                identity = dataclasses.replace(identity, revision=encoder.identity.revision)
+            follow = {"revision": held.revision if held.model == model and not revision else "",
+                      "runtime": held.runtime if not (runtime or os.environ.get(RUNTIME_ENV)) else ""}
+            if any(v and v != getattr(identity, k) for k, v in follow.items()):
+                encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False, tokens=tokens,
+                                       revision=follow["revision"] or revision, runtime=follow["runtime"] or runtime)
+                identity = dataclasses.replace(identity, revision=encoder.identity.revision,
+                                               runtime=encoder.identity.runtime)
 
         replace = False  # True: the file holds something else and --force says to start it anew
         if path.exists():
@@ -150,7 +156,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
     with step():
         if todo:
             encoder = load_encoder(model, preprocess, device, dtype, layers, revision=identity.revision or None,
-                                   fingerprint=identity.weights, tokens=tokens)
+                                   fingerprint=identity.weights, tokens=tokens, runtime=identity.runtime or runtime)
             # now with image_size, which needs the image processor
             identity = dataclasses.replace(identity, image_size=encoder.identity.image_size)
             shapes = {feature_name(k, v): (encoder.dims[k],) for v in identity.views for k in (None, *identity.layers)}

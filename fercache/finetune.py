@@ -22,6 +22,8 @@ an interrupted run resumes at its last finished epoch and ends with the same wei
 was never interrupted. The result is `tuned.safetensors` (the tuned tensors under the names they
 have in the base model, plus `classifier.weight`/`.bias`) and `tuned.json` (the base model and its
 revision, which blocks, the classes, the recipe): `load_tuned` swaps them into the base model.
+A dataset without a split (CK+, JAFFE) is cross-validated over subject-independent folds instead
+(`tune_folds`): each fold is such a tuned run of its own, in `fold-<k>/`, and resumes as one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fercache.logreg import stratified_split
 from fercache.names import CLASSES, TUNED_CONFIG, VALS, choice
 
 WEIGHTS, CONFIG, CHECKPOINT = "tuned.safetensors", TUNED_CONFIG, "checkpoint.safetensors"
+FOLD = "fold.json"  # a finished fold of a cross-validated run: its held-out faces' logits and choices
 VAL_FRACTION = 0.1  # of train, stratified, when choosing on train
 TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 would need loss scaling
 SCORE_BATCH = 256  # faces per scoring step, in training and in `evaluate` alike (the same batches, the same sums)
@@ -324,6 +327,11 @@ class Split:
     computed_in: str = "float32"  # the dtype the encoder computed tokens in (a cache's `dtype`); faces: float32
     classes: tuple[str, ...] = CLASSES  # the dataset's classes, in label order
     targets: np.ndarray | None = None  # N x classes soft targets (FER+'s vote shares), else the labels
+
+    def take(self, rows: np.ndarray) -> Split:
+        """These rows only (a copy)."""
+        return Split(self.x[rows], self.y[rows], [self.ids[i] for i in rows], [self.usage[i] for i in rows],
+                     self.computed_in, self.classes, None if self.targets is None else self.targets[rows])
 
 
 @dataclass(frozen=True)
@@ -711,10 +719,11 @@ def tokens_of(encoder: Encoder, pixels: np.ndarray, first: int, batch_size: int 
 
 @dataclass
 class FinetuneResult:
-    """What `finetune` made: the run folder, the training's result and everything in `metrics.json`."""
+    """What `finetune` made: the run folder, the training's result (None over folds: each fold's
+    model is in its own folder) and everything in `metrics.json`."""
 
     out: Path
-    tuned: TuneResult
+    tuned: TuneResult | None
     metrics: dict
 
 
@@ -738,7 +747,8 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
              layer_decay: float = 0.75, warmup: float = 0.1, patience: int = 3, val: str = "train", seed: int = 0,
              device: str = "auto", dtype: str = "auto", augment: bool = True, out: str | os.PathLike | None = None,
              restart: bool = False, plots: bool = True, progress: bool = True,
-             exclude_duplicates: bool = False, labels: str | None = None) -> FinetuneResult:
+             exclude_duplicates: bool = False, labels: str | None = None,
+             folds: int | str | None = None) -> FinetuneResult:
     """Tune the top `blocks` blocks from a cache's tokens (`extract --tokens K`), or `from_images`
     of a FER2013 source; report on test and write the run folder (like `fit`'s, plus the tuned weights).
 
@@ -746,14 +756,20 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     `exclude_duplicates` drops the train faces that copy a test face, as `fit` does. From a cache,
     the head has a row per class of its dataset; `labels` (FER+ caches) as `fit --labels`:
     `ferplus-votes` trains on the vote shares as soft targets, accuracy is against the majority.
+    A cache of a dataset without a split (CK+, JAFFE) takes `folds` (K or `subjects`) instead:
+    subject-independent cross-validation (`tune_folds`), reported as `fit --folds` reports it.
     """
     from fercache.data import open_source
     from fercache.encoder import pick_dtype
+    from fercache.folds import pooled_figures
     from fercache.names import DEFAULT_MODEL, default_cache, default_run
     from fercache.runs import duplicate_counts, resolve_cache, train_rows, write_run
     from fercache.stats import calibration, score_predictions, test_figures, unseen_figures
 
     choice(val, VALS, "--val")
+    if folds is not None and (val != "train" or exclude_duplicates or from_images):
+        raise UserError("--folds chooses inside each fold's training part, from a cache's tokens: it takes no "
+                        "--val public_test, --exclude-duplicates or --from-images")
     dev = pick_device(device)
     train_dtype = str(pick_dtype(dtype, dev)).removeprefix("torch.")
     train_dtype = train_dtype if train_dtype in TRAIN_DTYPES or dtype != "auto" else "float32"
@@ -765,18 +781,20 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
         images = [source.load(name, limit=limit) for name in ("train", "test")]
         train, test = (Split(f.pixels, f.labels, f.ids, f.usage) for f in images)
         where = {"data": {"path": str(source.path), "format": source.format}}
-        source_path = str(source.path)
+        source_path, dataset = str(source.path), "fer2013"
         stem = default_cache(encoder.identity.model, encoder.identity.preprocess)
     else:
-        from fercache.cache import load_tokens, load_votes, read_identity, read_meta, usage_of
+        from fercache.cache import load_subjects, load_tokens, load_votes, read_identity, read_meta, usage_of
 
         from fercache.datasets import check_labels, ferplus_targets
+        from fercache.folds import check_folds
         from fercache.identity import dataset_of
 
         path = resolve_cache(cache)
         held = read_identity(path)
         dataset, classes = dataset_of(read_meta(path))[:2]
         labels = check_labels(labels, dataset)
+        check_folds(path, dataset, folds)
         given = [f"--{k}" for k, v in (("data", data), ("limit", limit), ("revision", revision)) if v is not None]
         if given:
             raise UserError(f"{' and '.join(given)}: for --from-images; a cache fixes its data and model ({path})")
@@ -796,24 +814,46 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
                             f"tune --blocks {depth - held.tokens} from it, or extract --tokens {depth - n} "
                             f"for --blocks {n}")
         splits = []
-        for name in ("train", "test"):
+        for name in ("train", "test") if folds is None else ("all",):
             t = load_tokens(path, name)
             soft = ferplus_targets(load_votes(path, name)) if labels == "ferplus-votes" and name == "train" else None
             splits.append(Split(t.X, t.y, t.ids, usage_of(path, name), held.dtype, tuple(classes), soft))
-        train, test = splits
+        train, test = splits if folds is None else (splits[0], None)  # over folds: `train` holds every face
         where = {"cache": {"path": str(path), "meta": held.to_meta()}}
         source_path = t.meta.get("source", {}).get("path")
         stem = path
-    copied, seen, keep = train_rows(source_path, exclude_duplicates, None if from_images else path, train.ids,
-                                    test.ids)
-    if exclude_duplicates:
-        train = Split(train.x[keep], train.y[keep], [train.ids[i] for i in keep], [train.usage[i] for i in keep],
-                      train.computed_in, train.classes, None if train.targets is None else train.targets[keep])
     settings = Settings(blocks=n, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         label_smoothing=label_smoothing, layer_decay=layer_decay, warmup=warmup, patience=patience,
                         val=val, seed=seed, dtype=train_dtype, from_images=from_images, augment=augment)
     method = f"finetune-top{n}" + ("-images" if from_images else "")
     folder = Path(out) if out is not None else default_run(Path(stem), method)
+    identity = encoder.identity
+    title = f"{identity.model} · {method}"
+    run = {"method": method, "model": identity.model, "preprocess": identity.preprocess, "layer": None,
+           "views": "plain", "val": val, "dataset": dataset}
+    about = {"blocks": list(range(depth - n + 1, depth + 1)), "from_images": from_images,
+             "tokens_dtype": train.computed_in,
+             "settings": {**asdict(settings), **({"folds": folds} if folds is not None else {})},
+             **where, **({"labels": labels} if labels else {})}
+
+    if folds is not None:
+        start = time.perf_counter()
+        proba, fold_of, summary, history = tune_folds(encoder, train, load_subjects(path, "all"), folds, settings,
+                                                      folder, device, restart, progress)
+        metrics = {**run, "test_split": "all", "fit_seconds": round(time.perf_counter() - start, 3),
+                   **pooled_figures(train.y, proba, list(train.classes)), "train_count": len(train.y),
+                   "val_count": None, "test_count": len(train.y), "folds": summary, "history": history, **about}
+        curves = (epoch_means(history), "epoch", f"{title} · {summary['count']} folds: each epoch's mean over the "
+                                                 "folds that reached it (each fold chose its own)")
+        write_run(folder, metrics, list(train.classes), title, curves if plots else None,
+                  {"id": train.ids, "usage": train.usage, "label": train.y, "proba": proba, "fold": fold_of},
+                  source_path)
+        return FinetuneResult(folder, None, metrics)
+
+    copied, seen, keep = train_rows(source_path, exclude_duplicates, None if from_images else path, train.ids,
+                                    test.ids)
+    if exclude_duplicates:
+        train = train.take(keep)
     start = time.perf_counter()
     result = tune(encoder, train, test, settings, folder, device, restart, progress)
     seconds = time.perf_counter() - start
@@ -825,25 +865,90 @@ def finetune(cache: str | os.PathLike | None = None, blocks: int | str | None = 
     loss, _ = _scores(z, y)
     test_split = "test" if val == "train" else "private_test"
     report = score_predictions(y, proba.argmax(1), loss, list(train.classes), test_split, usage)
-    identity = encoder.identity
     metrics = {
-        "method": method, "model": identity.model, "preprocess": identity.preprocess, "layer": None,
-        "views": "plain", "val": val, "test_split": test_split, "fit_seconds": round(seconds, 3),
+        **run, "test_split": test_split, "fit_seconds": round(seconds, 3),
         **test_figures(report), "calibration": calibration(y, proba),
         "train_count": len(train.y) - (result.val_count if val == "train" else 0), "val_count": result.val_count,
         "test_count": len(y), **unseen_figures(y, proba.argmax(1), None if seen is None else seen[rows]),
         **duplicate_counts(copied, exclude_duplicates), "history": result.history,
-        "blocks": list(range(depth - n + 1, depth + 1)),
-        "from_images": from_images, "best_epoch": result.best_epoch, "epoch_seconds": result.epoch_seconds,
-        "resumed_from_epoch": result.resumed_from, "probe": result.probe, "tokens_dtype": train.computed_in,
-        "settings": asdict(settings), **where, **({"labels": labels} if labels else {}),
+        "best_epoch": result.best_epoch, "epoch_seconds": result.epoch_seconds,
+        "resumed_from_epoch": result.resumed_from, "probe": result.probe, **about,
     }
-    title = f"{identity.model} · {method}"
     write_run(folder, metrics, list(train.classes), title,
               (result.history, "epoch", f"{title}: chosen at epoch {result.best_epoch} on validation")
               if plots else None,
               {"id": [test.ids[i] for i in rows], "usage": usage, "label": y, "proba": proba}, source_path)
     return FinetuneResult(folder, result, metrics)
+
+
+def tune_folds(encoder: Encoder, every: Split, subjects: list[str], folds: int | str, settings: Settings,
+               folder: Path, device: str = "auto", restart: bool = False,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict, list[dict]]:
+    """`tune` in each subject-independent fold of a dataset without a split (`folds.cross_validate`):
+    (pooled class probabilities, each face's fold, the fold summary, every fold's history rows with
+    their `fold`).
+
+    Fold k tunes on its training part alone (validation, where the epoch and the probe's C are
+    chosen, a stratified part of it) into `folder/fold-<k>/`, a tuned run (`tuned.json`,
+    `tuned.safetensors`) plus `fold.json`: its held-out faces' logits, history and choices. A fold
+    whose `fold.json` matches (settings, model, rows) is read back, not tuned again; an unfinished
+    fold resumes from its checkpoint; `restart` tunes every fold anew. The summary's per-fold rows
+    add `best_epoch`, `val_count`, `resumed_from_epoch` and `read_back`.
+    """
+    from fercache.folds import cross_validate
+
+    done: list[dict] = []
+
+    def one_fold(train_rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+        k = len(done) + 1
+        sub = folder / f"fold-{k:02d}"
+        key = {"format": "fercache-finetune-fold", "fold": k, "settings": asdict(settings),
+               "encoder": encoder.identity.encoder().to_meta(),
+               "data": _data_key({"train": (every, train_rows), "test": (every, test_rows)})}
+        record = None if restart else read_fold(sub / FOLD, key)
+        read_back = record is not None
+        if not read_back:
+            result = tune(encoder, every.take(train_rows), every.take(test_rows), settings, sub, device, restart,
+                          progress)
+            record = {**key, "best_epoch": result.best_epoch, "val_count": result.val_count,
+                      "resumed_from_epoch": result.resumed_from, "probe": result.probe, "history": result.history,
+                      "epoch_seconds": result.epoch_seconds, "test_ids": [every.ids[i] for i in test_rows],
+                      "test_logits": result.test_logits.tolist()}  # float32 -> float64: exact, read back bit for bit
+            tmp = sub / f"{FOLD}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, sub / FOLD)
+        done.append({**record, "read_back": read_back})
+        logits = torch.from_numpy(np.asarray(record["test_logits"], dtype=np.float32))
+        return torch.softmax(logits, 1).numpy()
+
+    proba, fold_of, summary = cross_validate(every.y, subjects, folds, list(every.classes), one_fold, settings.seed)
+    for row, record in zip(summary["per_fold"], done):
+        row.update({k: record[k] for k in ("best_epoch", "val_count", "resumed_from_epoch", "read_back")})
+    history = [{"fold": r["fold"], **h} for r in done for h in r["history"]]
+    return proba, fold_of, summary, history
+
+
+def read_fold(path: Path, key: dict) -> dict | None:
+    """A finished fold's `fold.json`, None if there is none; one of another run is refused."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        differ = [k for k in key if record[k] != key[k]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable fold ({type(exc).__name__}); delete it to tune that fold again") from None
+    if differ:
+        raise UserError(f"{path} is a fold of another run ({', '.join(differ)} differ); use another --out, "
+                        "or --restart to tune every fold anew")
+    return record
+
+
+def epoch_means(history: list[dict]) -> list[dict]:
+    """Each epoch's figures averaged over the folds that reached it (early stopping ends folds
+    apart): the curves of a cross-validated run."""
+    keys = [k for k in history[0] if k not in ("fold", "epoch")]
+    return [{"epoch": e, **{k: float(np.mean([r[k] for r in history if r["epoch"] == e])) for k in keys}}
+            for e in sorted({r["epoch"] for r in history})]
 
 
 def evaluate_tuned(cache: str | os.PathLike | None, run: str | os.PathLike, split: str = "test",

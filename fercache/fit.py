@@ -19,9 +19,10 @@ import numpy as np
 
 from fercache.accelerate import check_int8
 from fercache.cache import (Embeddings, load_embeddings, load_subjects, load_votes, read_identity, read_meta,
-                            split_state, usage_of)
+                            usage_of)
 from fercache.crossdata import class_map, restricted_scores
 from fercache.errors import UserError, at_least_one
+from fercache.folds import check_folds, cross_validate, pooled_figures
 from fercache.heads import Head, fit_linear
 from fercache.identity import ENCODER, Identity, dataset_of
 from fercache.logreg import fit_logreg
@@ -87,9 +88,7 @@ def fit(cache: str | os.PathLike | None = None, method: str = "linear", epochs: 
             raise UserError("--folds chooses inside each fold's training part: it takes no --val public_test, "
                             "--shots or --exclude-duplicates")
         return fit_folds(path, folds, settings, out, plots)
-    if split_state(path, "train")[1] is None and split_state(path, "all")[1] is not None:
-        raise UserError(f"{path}: {dataset} has no train/test split; cross-validate with --folds K or "
-                        "--folds subjects (subject-independent)")
+    check_folds(path, dataset, None)  # no split: needs --folds
     test_split = "test" if val == "train" else "private_test"
     train = load_embeddings(path, "train", layer=layer, view=views)
     test = load_embeddings(path, test_split, layer=layer, view=views)
@@ -176,8 +175,6 @@ def fit_folds(path: Path, folds: int | str, settings: dict, out: str | os.PathLi
     held it out), `folds` the per-fold figures and their mean and sd; `predictions.csv` a `fold`
     column. The head saved is fitted on every face, with the same settings, for use elsewhere.
     """
-    from fercache.folds import cross_validate
-
     s = settings
     emb = load_embeddings(path, "all", layer=s["layer"], view=s["views"])
     dataset, classes, canonical = dataset_of(emb.meta)
@@ -195,15 +192,12 @@ def fit_folds(path: Path, folds: int | str, settings: dict, out: str | os.PathLi
     head.classes, head.canonical, head.dataset = classes, canonical, dataset
     head.layer, head.views = s["layer"], s["views"]
     head.identity = Identity.from_meta(emb.meta).encoder()
-    pred = proba.argmax(1)
-    loss = log_loss(emb.y, proba)
-    report = score_predictions(emb.y, pred, loss, classes, "all")
     meta = {k: v for k, v in emb.meta.items() if k != "split"}
     metrics = {
         "method": s["method"], "model": meta.get("model"), "preprocess": meta.get("preprocess"), "layer": s["layer"],
         "views": s["views"], "val": "train", "class_weight": s["class_weight"], "test_split": "all",
-        "dataset": dataset, "labels": s["labels"], "fit_seconds": round(seconds, 3), **test_figures(report),
-        "calibration": calibration(emb.y, proba), "train_count": len(emb.y), "val_count": None,
+        "dataset": dataset, "labels": s["labels"], "fit_seconds": round(seconds, 3),
+        **pooled_figures(emb.y, proba, classes), "train_count": len(emb.y), "val_count": None,
         "test_count": len(emb.y), "folds": summary, "history": history, **({"logreg": search} if search else {}),
         "settings": {**s, "folds": folds}, "cache": {"path": str(path), "meta": meta},
     }

@@ -4,8 +4,10 @@ Everything is inside the file (PNG figures and faces as base64 data URIs, inline
 no network), so it opens anywhere, is mailed as one attachment and renders the same in five
 years. It shows the test figures with their 95% intervals, the per-class table, the run's PNGs
 (confusion matrix, training or validation curves, reliability diagram with its calibration
-error) and the most confident mistakes as the 48x48 faces themselves, read back from the
-source by the ids the cache stores (skipped, with a note, where the source is not at hand).
+error) and the most confident mistakes as the faces themselves, read back from the source by
+the ids the cache stores, opened as the cache was made (`Origin`: its dataset, a folder's
+classes, 48x48 gray or each image as stored, in colour and shrunk to a thumbnail); skipped, with
+a note that says why, where the source is not at hand.
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ import base64
 import html
 import io
 import os
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fercache.names import CLASSES, SPLITS
+from fercache.data import Source
+from fercache.errors import FERCacheWarning, UserError
+from fercache.identity import NATIVE, dataset_of
+from fercache.names import CLASSES
 from fercache.report import interval
 
 REPORT = "report.html"
 FIGURES = (("confusion.png", "Confusion matrix (test)"), ("curves.png", "Training curves"),
            ("reliability.png", "Reliability diagram (test)"))
 GALLERY = 24  # the most confident mistakes shown
+THUMB = 128  # longest side of a face stored in a page: larger (native) images are shrunk to it, 48x48 ones kept
+SHOWN = 96  # the side a face is shown at: smaller ones are enlarged pixel by pixel, larger ones smoothly
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -35,7 +43,8 @@ td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}th:first-ch
 th{background:#f6f6f6}.ci{color:#777;font-size:12px}figure{display:inline-block;margin:8px 12px 8px 0}
 figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
 .faces{display:flex;flex-wrap:wrap;gap:10px}.face{width:112px;font-size:11px;text-align:center}
-.face img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccc}.face .ci{word-break:break-all}
+.face img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccc;object-fit:contain;background:#f6f6f6}
+.face img.smooth{image-rendering:auto}.face .ci{word-break:break-all}
 .true{color:#1a7f37}.pred{color:#b42318}.note{color:#8a6d3b;background:#fcf8e3;padding:6px 10px}
 """
 
@@ -45,33 +54,69 @@ def data_uri(png: bytes) -> str:
 
 
 def face_png(pixels: np.ndarray) -> bytes:
+    """A face as PNG bytes: 48x48 gray as it is, a larger (native, colour) image shrunk to `THUMB`."""
     from PIL import Image
 
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    if max(image.size) > THUMB:
+        image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def faces_of(source: str | os.PathLike | None, ids: list[str]) -> dict[str, np.ndarray]:
-    """The 48x48 faces of these ids, decoded from the source; {} if it is not there or not readable."""
-    from fercache.data import open_source
-    from fercache.errors import UserError
+def face_img(pixels: np.ndarray, alt: str) -> str:
+    """An inline `<img>` of a face: shown at `SHOWN` px, keeping its shape; class `smooth` where that
+    shrinks it (a large native image), else enlarged pixel by pixel (48x48: the pixels as they are)."""
+    smooth = max(np.shape(pixels)[:2]) > SHOWN
+    return (f'<img{" class=smooth" if smooth else ""} alt="{html.escape(alt)}" '
+            f'src="{data_uri(face_png(pixels))}">')
 
-    if not source or not Path(source).exists():
-        return {}
-    try:
-        src = open_source(source)
-        wanted = set(ids)
-        entries = [e for e in src.entries if e.id in wanted]
-        found = {}
-        for split in ("train", "test"):
-            part = [e for e in entries if e.usage in ({"train"} if split == "train" else set(SPLITS[1:]) | {"test"})]
-            if part:
-                images = replace(src, entries=part).load(split)
-                found.update(zip(images.ids, images.pixels))
-        return found
-    except (UserError, OSError, ValueError):
-        return {}
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a cache's faces come from and how it read them: what reopens them (a run's report, the
+    copies across train and test) the way the cache was made."""
+
+    path: str | None  # the source ("": none recorded)
+    dataset: str | None = None  # a `datasets` name; None: detected from the files
+    classes: tuple[str, ...] = ()  # a generic folder's `--classes`, in label order (other datasets name their own)
+    native: bool = False  # the cache saw each image as stored (`--images native`), not 48x48 gray
+    fingerprint: str = ""  # the source's content hash as the cache recorded it ("": unknown)
+
+    @classmethod
+    def of(cls, meta: dict, path: str | os.PathLike | None = None) -> Origin:
+        """From a cache's metadata (`cache.read_meta`); `path` where the source is [default: where it was]."""
+        dataset, classes, _ = dataset_of(meta)
+        source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+        return cls(str(path or source.get("path") or ""), dataset, tuple(classes), meta.get("images") == NATIVE,
+                   source.get("fingerprint", ""))
+
+    @property
+    def at_hand(self) -> bool:
+        return bool(self.path) and Path(self.path).exists()
+
+    def open(self) -> Source:
+        """The source indexed as the cache read it (`datasets.open_dataset`); a `UserError` where it is
+        not at hand or no longer reads so."""
+        from fercache.datasets import open_dataset
+
+        if not self.at_hand:
+            raise UserError(f"the source {self.path or '(none recorded)'} is not at hand")
+        return open_dataset(self.path, self.dataset, self.classes if self.dataset == "folders" else None)
+
+
+def faces_of(source: Source, ids: list[str], native: bool = False) -> dict[str, np.ndarray]:
+    """The faces of these ids, decoded from an open source (48x48 gray, or `native`: each as stored);
+    ids it lacks or cannot read are left out."""
+    wanted = set(ids)
+    entries = [e for e in source.entries if e.id in wanted]
+    found: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():  # what decoding warns of, `extract` said when it read these images
+        warnings.simplefilter("ignore", FERCacheWarning)
+        for positions, chunk in source.stream(entries, native=native):
+            found.update((entries[i].id, pixels) for i, pixels in zip(positions, chunk))
+    return found
 
 
 def confident_mistakes(y: np.ndarray, proba: np.ndarray, top: int = GALLERY) -> np.ndarray:
@@ -82,11 +127,11 @@ def confident_mistakes(y: np.ndarray, proba: np.ndarray, top: int = GALLERY) -> 
 
 
 def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | None = None,
-                 source: str | os.PathLike | None = None) -> Path:
+                 origin: Origin | None = None) -> Path:
     """Write `folder/report.html` from a run's `metrics.json` content, its PNGs and its predictions.
 
-    `predictions`: `{"id": [...], "label": array, "proba": (N, 7) array}` for the test rows (the
-    gallery of confident mistakes needs them and `source`, the FER2013 file the ids point into).
+    `predictions`: `{"id": [...], "label": array, "proba": (N, classes) array}` for the test rows
+    (the gallery of confident mistakes needs them and `origin`, the source the ids point into).
     """
     folder = Path(folder)
     esc = html.escape
@@ -94,11 +139,15 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
     title = f"{m.get('model') or 'features'} · {m.get('method')}"
     setting = ", ".join(f"{k} {m[k]}" for k in ("preprocess", "views", "layer", "val", "class_weight")
                         if m.get(k) is not None)
+    folds = m.get("folds")
+    scored = (f'{folds["count"]} subject-independent folds of {m.get("test_count", 0):,} faces ({folds["subjects"]} '
+              f'subjects, --folds {folds["folds"]}): every face predicted once, by the fold that held it out; '
+              "the figures are of those pooled predictions" if folds else
+              f'trained on {m.get("train_count", 0):,} faces, tested on {m.get("test_count", 0):,} '
+              f'({esc(str(m.get("test_split", "test")))})')
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
-             f'<p class=sub>{esc(setting)}; trained on {m.get("train_count", 0):,} faces, tested on '
-             f'{m.get("test_count", 0):,} ({esc(str(m.get("test_split", "test")))}); 95% bootstrap intervals '
-             "in brackets</p>"]
+             f"<p class=sub>{esc(setting)}; {esc(scored)}; 95% bootstrap intervals in brackets</p>"]
 
     rows = [("accuracy", "test_accuracy"), ("macro-F1", "macro_f1"), ("balanced accuracy", "balanced_accuracy"),
             ("PublicTest accuracy", "public_test_accuracy"), ("PrivateTest accuracy", "private_test_accuracy")]
@@ -120,6 +169,16 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
                      "near) among the test faces were left out of training</p>")
     elif "test_unseen_count" in m and m["test_unseen_count"] is None:
         parts.append("<p class=note>which test faces have a copy in train is unknown: the source is not at hand</p>")
+    if folds:
+        keys = [k for k in ("accuracy", "macro_f1", "balanced_accuracy") if f"{k}_mean" in folds]
+        parts.append("<h2>Per fold</h2><table><tr><th>fold</th><th>train</th><th>test</th><th>test subjects</th>"
+                     + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys) + "</tr>")
+        for r in folds["per_fold"]:
+            parts.append(f"<tr><td>{r['fold']}</td><td>{r['train_count']:,}</td><td>{r['test_count']:,}</td>"
+                         f"<td>{r['test_subjects']}</td>" + "".join(f"<td>{r[k]:.4f}</td>" for k in keys) + "</tr>")
+        parts.append("<tr><td>mean ± sd</td><td></td><td></td><td></td>"
+                     + "".join(f"<td>{folds[k + '_mean']:.4f} ± {folds[k + '_std']:.4f}</td>" for k in keys)
+                     + "</tr></table>")
     if m.get("few_shot"):
         fs = m["few_shot"]
         parts.append(f"<p>{fs['shots']} faces per class, {fs['repeats']} draws: test accuracy "
@@ -149,12 +208,18 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
         names = list(m.get("per_class") or CLASSES)  # the dataset's classes, in label order
         rows_ = confident_mistakes(y, proba)
         parts.append(f"<h2>The {len(rows_)} most confident mistakes</h2>")
-        faces = faces_of(source, [ids[i] for i in rows_])
-        if not faces:
-            parts.append(f'<p class=note>the faces are not shown: the source {esc(str(source))} is not at hand</p>')
+        try:
+            if origin is None:
+                raise UserError("the source is not known")
+            faces = faces_of(origin.open(), [ids[i] for i in rows_], origin.native)
+            why = "" if faces else f"none of them could be read from {origin.path}"
+        except (UserError, OSError, ValueError) as exc:
+            faces, why = {}, str(exc)
+        if len(rows_) and why:
+            parts.append(f"<p class=note>the faces are not shown: {esc(why)}</p>")
         parts.append('<div class=faces>')
         for i in rows_:
-            img = f'<img alt="{esc(ids[i])}" src="{data_uri(face_png(faces[ids[i]]))}">' if ids[i] in faces else ""
+            img = face_img(faces[ids[i]], ids[i]) if ids[i] in faces else ""
             pred = int(proba[i].argmax())
             parts.append(f'<div class=face>{img}<br><span class=true>{esc(names[y[i]])}</span> → '
                          f'<span class=pred>{esc(names[pred])}</span> {proba[i, pred]:.2f}<br>'

@@ -3,13 +3,13 @@
 Two caches may share rows, a head may score a cache, ranks may join one cache, and a resumed run
 may reuse a part file only when the features come from the same encoder (model, revision,
 weights, preprocessing, feature, image size, and the images it saw: 48x48 gray or native) and,
-for rows in one file, the same dtype, stored layers, views, dataset and class order (a folder's
+for rows in one file, the same dtype and runtime (torch or ONNX Runtime), stored layers, views, dataset and class order (a folder's
 fingerprint does not change with `--classes` order; its labels do). `Identity.differences` names
 every field that differs, so each refusal is one line that says what differs.
 
 Stored flat, as a cache's root attributes and in `head.json`, under the keys of `ATTRS`. Files
 written by fercache 0.1.0 lack `model_weights` (and heads `image_size`), before 0.3.0 `images`
-and (heads) `classes` in the identity; an empty value means
+and (heads) `classes` in the identity, before 0.4.0 `runtime`; an empty value means
 "not known" and is not compared, so they still load.
 """
 
@@ -23,11 +23,12 @@ from fercache.names import CANONICAL, CLASSES
 # field -> key in cache attributes and head.json (0.1.0's names, kept so old files read as they are)
 ATTRS = {"model": "model", "revision": "model_revision", "weights": "model_weights", "preprocess": "preprocess",
          "feature": "feature", "image_size": "image_size", "dtype": "dtype", "layers": "layers",
-         "tokens": "tokens", "views": "views", "source": "source", "images": "images", "classes": "classes"}
+         "tokens": "tokens", "views": "views", "source": "source", "images": "images", "classes": "classes",
+         "runtime": "runtime"}
 ENCODER = ("model", "revision", "weights", "preprocess", "feature", "image_size", "images")  # what a head needs
-CACHE = ENCODER + ("dtype", "layers", "tokens", "views", "source", "classes")  # what rows in one file share
+CACHE = ENCODER + ("dtype", "runtime", "layers", "tokens", "views", "source", "classes")  # what rows in one file share
 HEAD = ENCODER + ("dtype",)  # what head.json records (dtype: the one `predict` encodes in)
-OPTIONAL = ("revision", "weights", "image_size", "images", "classes")  # compared only where both sides know them
+OPTIONAL = ("revision", "weights", "image_size", "images", "classes", "runtime")  # compared only where both sides know them
 GRAY48, NATIVE = "48x48 gray", "native"  # what the encoder saw: FER2013's faces, or each image as stored
 # (`tokens` None is known: no tokens stored, as in every file older than stage three)
 
@@ -49,6 +50,7 @@ class Identity:
     source: str = ""  # the dataset's content fingerprint ("" for a head: heads score any source)
     images: str = ""  # GRAY48 or NATIVE ("": not recorded, files before 0.3.0: always GRAY48)
     classes: tuple[str, ...] = ()  # the rows' label names in label order (a folder's --classes order too)
+    runtime: str = ""  # what ran the encoder: torch or onnxruntime ("": the pixels baseline, files before 0.4.0)
 
     def to_meta(self, keys: tuple[str, ...] = tuple(ATTRS)) -> dict:
         """The flat attributes a cache's root (all keys) or `head.json` (`HEAD`) stores, JSON-friendly."""
@@ -74,12 +76,12 @@ class Identity:
                    weights=meta.get("model_weights") or "", layers=tuple(meta.get("layers") or ()),
                    tokens=int(tokens) if tokens is not None and tokens != -1 else None,
                    views=tuple(meta.get("views") or ("plain",)), images=meta.get("images") or "",
-                   classes=tuple(meta.get("classes") or ()),
+                   classes=tuple(meta.get("classes") or ()), runtime=meta.get("runtime") or "",
                    source=source.get("fingerprint", "") if isinstance(source, dict) else str(source))
 
     def encoder(self) -> Identity:
         """Only what a head depends on: which encoder made its features, not which rows or files."""
-        return replace(self, layers=(), tokens=None, views=("plain",), source="", classes=())
+        return replace(self, layers=(), tokens=None, views=("plain",), source="", classes=(), runtime="")
 
     def differences(self, other: Identity, keys: tuple[str, ...] = CACHE) -> list[str]:
         """`key: here vs there` for every field in `keys` that differs (unknown optional values match)."""

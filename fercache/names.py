@@ -49,12 +49,15 @@ def model_slug(model: str) -> str:
 
 
 def default_cache(model: str = DEFAULT_MODEL, preprocess: str = "clip", layers: list[int] | tuple[int, ...] = (),
-                  tta: str = "none", tokens: int | None = None, dataset: str = "fer2013", images: str = "gray48") -> Path:
-    """`<data>/cache/<model-slug>__<preprocess>[__<dataset>][__native][__layers-…][__tokens-K][__flip].h5`:
-    what `extract` writes, `fit` reads (FER2013 at 48x48 gray: the name it always had)."""
+                  tta: str = "none", tokens: int | None = None, dataset: str = "fer2013", images: str = "gray48",
+                  dtype: str = "") -> Path:
+    """`<data>/cache/<model-slug>__<preprocess>[__<dataset>][__native][__int8][__layers-…][__tokens-K][__flip].h5`:
+    what `extract` writes, `fit` reads (FER2013 at 48x48 gray: the name it always had). int8 features
+    are not float ones: they get a file of their own."""
     name = f"{model_slug(model)}__{preprocess}"
     name += f"__{dataset}" if dataset != "fer2013" else ""
     name += f"__{images}" if images != "gray48" else ""
+    name += f"__{INT8}" if dtype == INT8 else ""
     if layers:
         name += "__layers-" + "-".join(map(str, layers))
     if tokens is not None:

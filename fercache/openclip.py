@@ -18,6 +18,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from fercache.backends import Tower
 from fercache.errors import UserError
@@ -41,18 +42,24 @@ class OpenClipTower(Tower):
         self.token_tower = self.trunk.token_tower if self.trunk else self.blocks is not None
         if transformer is not None and not getattr(transformer, "batch_first", True):
             raise UserError("this OpenCLIP version runs its blocks sequence-first: upgrade open_clip_torch")
-        cfg = open_clip.get_model_preprocess_cfg(clip)
-        size = cfg["size"]
+        # the model's preprocessing config over OpenCLIP's defaults, as `create_model_and_transforms` reads it
+        self.cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), open_clip.get_model_preprocess_cfg(clip)))
+        size = self.cfg.size
         if not isinstance(size, int) and size[0] != size[1]:
             raise UserError(f"OpenCLIP model input {size}: fercache reproduces square inputs only")
         self.image_size = size if isinstance(size, int) else size[0]
-        self.cfg = cfg
 
     def recipe(self) -> Recipe:
-        # A square 48x48 face: OpenCLIP's `shortest` (Resize + CenterCrop), `squash` (Resize to a
-        # square) and `longest` (ResizeKeepRatio + CenterCropOrPad) all resize it to the input side.
-        return torchvision_recipe(self.image_size, self.image_size, self.cfg.get("interpolation", "bicubic"),
-                                  self.cfg["mean"], self.cfg["std"])
+        """OpenCLIP's eval transform (`image_transform`): `shortest` (Resize + CenterCrop), `squash`
+        (Resize to a square) or `longest` (ResizeKeepRatio + CenterCropOrPad with `fill_color`);
+        bilinear where it says so, else bicubic."""
+        fit = {"shortest": "shortest", "squash": "square", "longest": "longest"}.get(self.cfg.resize_mode)
+        if fit is None:
+            raise UserError(f"OpenCLIP resize mode '{self.cfg.resize_mode}' is not reproduced "
+                            "(shortest, squash and longest are)")
+        interpolation = "bilinear" if self.cfg.interpolation == "bilinear" else "bicubic"
+        return torchvision_recipe(self.image_size, self.image_size, interpolation, self.cfg.mean, self.cfg.std, fit,
+                                  self.cfg.fill_color)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(x)

@@ -1,4 +1,4 @@
-"""Model inputs from FER2013's 48x48 uint8 arrays, made in batches on the model's device.
+"""Model inputs from FER2013's 48x48 uint8 arrays (or native images of any size), made in batches on the model's device.
 
 Both recipes start from a gray face shown as 3 identical channels:
 - `clip`: exactly what the model's own image processor does, read from its settings: resize (a
@@ -7,6 +7,8 @@ Both recipes start from a gray face shown as 3 identical channels:
   (EfficientNet's `rescale_offset`), mean and std (EfficientNet's `include_top` divides by std
   twice). For CLIP: shortest edge to 224 bicubic, centre crop 224, CLIP's mean and std.
 - `seed`: the reference project's recipe: resize to the model's size, bilinear, mean 0.5, std 0.5.
+OpenCLIP's and timm's eval transforms (torchvision's Resize on a PIL image, CenterCrop, ToTensor,
+Normalize; their ResizeKeepRatio and CenterCropOrPad) are recipes too (`torchvision_recipe`).
 
 PIL resizes an 8-bit image in two separable passes (horizontal, then vertical) with fixed-point
 weights, rounding to uint8 after each. For a fixed 48 -> S resize each pass is a small matrix
@@ -62,7 +64,7 @@ FILTERS: dict[int, tuple[Callable[[float], float], float]] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a 48x48 face becomes a model input: resize to `resize`, centre-crop to `crop`, normalise."""
+    """How a face becomes a model input: resize to `resize` (by `fit`), centre-crop (or pad) to `crop`, normalise."""
 
     name: str
     resize: int
@@ -72,19 +74,27 @@ class Recipe:
     std: tuple[float, float, float]
     rescale: float = 1 / 255
     rounded: bool = False  # the centre crop starts at round((side - crop) / 2), as torchvision's (else floor, as transformers')
-    shortest: bool = True  # an image of another shape: its shortest edge to `resize` (else a resize x resize square)
+    fit: str = "shortest"  # an image of another shape: its shortest edge to `resize`, a `square`, or its `longest` edge
+    fill: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the colour (0-255) padding a side resized below `crop`
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) an image of any shape is resized to: transformers' `get_resize_output_image_size`
-        (shortest edge, the long one truncated, as torchvision's Resize(int)), or a square."""
-        if not self.shortest:
+        """(height, width) an image of any shape is resized to: `shortest`: transformers'
+        `get_resize_output_image_size` (the long edge truncated, as torchvision's Resize(int)); `square`;
+        `longest`: OpenCLIP's and timm's ResizeKeepRatio(longest=1) (both edges rounded, then padded)."""
+        if self.fit == "square":
             return self.resize, self.resize
+        if self.fit == "longest":
+            ratio = max(height / self.resize, width / self.resize)
+            return round(height / ratio), round(width / ratio)
         short, long = min(height, width), max(height, width)
         long = int(self.resize * long / short)
         return (long, self.resize) if width <= height else (self.resize, long)
 
     def start(self, side: int) -> int:
-        """The centre crop's first row (column) in a resized side: transformers' floor, torchvision's round."""
+        """The centre crop's first row (column) in a resized side: transformers' floor, torchvision's round;
+        a side shorter than the crop: minus its padding before it, (crop - side) // 2 (torchvision's `pad`)."""
+        if side < self.crop:
+            return -((self.crop - side) // 2)
         return int(round((side - self.crop) / 2.0)) if self.rounded else (side - self.crop) // 2
 
 
@@ -110,7 +120,7 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
     and DINOv2 (BiT), ConvNeXt and ResNet (crop_pct), EfficientNet (offset, include_top).
     """
     if name == "seed":
-        return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), shortest=False)
+        return Recipe("seed", image_size, image_size, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fit="square")
     if name != "clip":
         raise UserError(f"unknown preprocessing '{name}': choose one of {', '.join(PREPROCESS)}")
     kind = type(processor).__name__
@@ -143,21 +153,23 @@ def recipe_for(name: str, processor, image_size: int) -> Recipe:
     mean = (_per_channel(processor.image_mean) if normalize else np.zeros(3)) + offset
     std = (std if normalize else np.ones(3)) * (std if getattr(processor, "include_top", False) else 1.0)
     return Recipe("clip", int(resize), int(crop), int(processor.resample), tuple(map(float, mean)),
-                  tuple(map(float, std)), rescale, shortest=shortest)
+                  tuple(map(float, std)), rescale, fit="shortest" if shortest else "square")
 
 
 INTERPOLATIONS = {"nearest": NEAREST, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
-def torchvision_recipe(resize: int, crop: int, interpolation: str, mean, std) -> Recipe:
-    """torchvision's Resize (on a PIL image: PIL's own resize), CenterCrop, ToTensor and Normalize,
-    the eval pipeline OpenCLIP and timm build: CenterCrop starts at round((resize - crop) / 2)."""
+def torchvision_recipe(resize: int, crop: int, interpolation: str, mean, std, fit: str = "shortest",
+                       fill=0) -> Recipe:
+    """The eval pipeline OpenCLIP and timm build: torchvision's Resize (on a PIL image: PIL's own resize;
+    an int: the shortest edge, a pair: a `square`) or their ResizeKeepRatio (`longest`), then CenterCrop
+    or CenterCropOrPad (start at round((side - crop) / 2); a shorter side padded with `fill`), ToTensor
+    and Normalize."""
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"interpolation '{interpolation}' is not reproduced (use one of {', '.join(INTERPOLATIONS)})")
-    if crop > resize:
-        raise UserError(f"a {crop} px crop of a {resize} px image pads it: fercache reproduces crops only")
     return Recipe("clip", resize, crop, INTERPOLATIONS[interpolation], tuple(map(float, _per_channel(mean))),
-                  tuple(map(float, _per_channel(std))), 1 / 255, rounded=True)
+                  tuple(map(float, _per_channel(std))), 1 / 255, rounded=True, fit=fit,
+                  fill=tuple(map(float, _per_channel(fill))))
 
 
 def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
@@ -193,58 +205,65 @@ def resize_weights(size_in: int, size_out: int, resample: int) -> np.ndarray:
 
 
 class Preprocessor:
-    """Turns uint8 (B, 48, 48) batches into normalised (B, 3, crop, crop) model inputs."""
+    """Turns uint8 (B, 48, 48) batches, or lists of H x W x 3 images, into normalised (B, 3, crop, crop) inputs."""
 
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype = torch.float32):
         # float64 holds PIL's integer sums exactly; MPS has no float64 (then: within one level).
         self.exact = torch.float32 if device.type == "mps" else torch.float64
-        w = resize_weights(SIZE, recipe.resize, recipe.resample) / (1 << PRECISION_BITS)  # exact: a power of 2
-        top = recipe.start(recipe.resize)
-        w = torch.from_numpy(w[top:top + recipe.crop]).to(device, self.exact)
-        self.wx, self.wy = w.T.contiguous(), w  # horizontal pass right-multiplies, vertical left
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # native shapes' matrices
+        self.device, self.dtype, self.recipe = device, dtype, recipe
+        # per image shape: the resize-and-crop matrices and where their output lies in the crop (48x48 made now)
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
+        self._weights(SIZE, SIZE)
         mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)
         # normalise as one multiply-add per channel: (x * rescale - mean) / std
         self.scale = (recipe.rescale / std).view(1, 3, 1, 1).to(device)
         self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
-        self.device, self.dtype, self.recipe = device, dtype, recipe
+        self.fill = torch.tensor(recipe.fill, dtype=self.exact).view(1, 3, 1, 1).to(device)
 
     def __call__(self, pixels: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
         """A (B, 48, 48) gray batch, or (`extract --images native`) a list of H x W x 3 images of any sizes."""
         if isinstance(pixels, list):
             return self.native(pixels)
-        x = torch.as_tensor(pixels).to(self.device, non_blocking=True).to(self.exact)
-        x = torch.matmul(x, self.wx).add_(0.5).floor_().clamp_(0, 255)  # (B, 48, C): PIL's horizontal pass
-        x = torch.matmul(self.wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, C, C): then the vertical one
-        x = torch.addcmul(self.shift, x.float().unsqueeze(1), self.scale)  # gray -> 3 normalised channels
-        return x.to(self.dtype)
+        x = torch.as_tensor(pixels).to(self.device, non_blocking=True).to(self.exact).unsqueeze(1)
+        x = self._resize(x, SIZE, SIZE)  # (B, 1, C, C), or (B, 3, C, C) where padded with a colour
+        return torch.addcmul(self.shift, x.float(), self.scale).to(self.dtype)  # gray -> 3 normalised channels
 
     def native(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Colour images as stored, each resized by the processor's rule for its own shape (`Recipe.resized`),
+        """Colour images as stored, each resized by the recipe's rule for its own shape (`Recipe.resized`),
         with the same two PIL passes per channel as the gray path; images of one shape go as one batch."""
         out = torch.empty((len(images), 3, self.recipe.crop, self.recipe.crop), dtype=self.dtype, device=self.device)
         shapes: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             shapes.setdefault(image.shape, []).append(i)
         for (height, width, _), rows in shapes.items():
-            wy, wx = self._weights(height, width)
             x = torch.from_numpy(np.stack([images[i] for i in rows])).to(self.device).permute(0, 3, 1, 2).to(self.exact)
-            x = torch.matmul(x, wx).add_(0.5).floor_().clamp_(0, 255)  # (B, 3, H, C): horizontal pass
-            x = torch.matmul(wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, 3, C, C): vertical pass
-            out[rows] = torch.addcmul(self.shift, x.float(), self.scale).to(self.dtype)
+            out[rows] = torch.addcmul(self.shift, self._resize(x, height, width).float(), self.scale).to(self.dtype)
         return out
 
-    def _weights(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The vertical (crop x H) and horizontal (W x crop) resize-and-crop matrices for one image shape."""
+    def _resize(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, C, H, W) pixels resized and cropped as PIL does, horizontal pass first, each rounded to
+        uint8; a side resized below the crop lies centred on the fill colour (then C becomes 3)."""
+        wy, wx, (top, left) = self._weights(height, width)
+        x = torch.matmul(x, wx).add_(0.5).floor_().clamp_(0, 255)  # (B, C, H, w): PIL's horizontal pass
+        x = torch.matmul(wy, x).add_(0.5).floor_().clamp_(0, 255)  # (B, C, h, w): then the vertical one
+        crop = self.recipe.crop
+        if x.shape[-2:] == (crop, crop):
+            return x
+        canvas = self.fill.expand(len(x), 3, crop, crop).clone()
+        canvas[:, :, top:top + x.shape[-2], left:left + x.shape[-1]] = x
+        return canvas
+
+    def _weights(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The vertical (h x H) and horizontal (W x w) resize-and-crop matrices for one image shape, and
+        where their (h x w) output starts in the crop (not 0 where a side is padded)."""
         key = (height, width)
         if key not in self._cache:
             crop, sides = self.recipe.crop, self.recipe.resized(height, width)
-            if min(sides) < crop:
-                raise UserError(f"a {height}x{width} image resizes to {sides[0]}x{sides[1]}, smaller than the "
-                                f"{crop} px crop: fercache reproduces crops only")
-            wy, wx = (resize_weights(n, side, self.recipe.resample) / (1 << PRECISION_BITS) for n, side in
-                      ((height, sides[0]), (width, sides[1])))
-            wy, wx = wy[self.recipe.start(sides[0]):][:crop], wx[self.recipe.start(sides[1]):][:crop]
+            wy, wx = (resize_weights(n, side, self.recipe.resample) / (1 << PRECISION_BITS)  # exact: a power of 2
+                      for n, side in ((height, sides[0]), (width, sides[1])))
+            top, left = (self.recipe.start(side) for side in sides)
+            wy, wx = wy[max(top, 0):][:crop], wx[max(left, 0):][:crop]
             self._cache[key] = (torch.from_numpy(wy).to(self.device, self.exact),
-                                torch.from_numpy(wx.T.copy()).to(self.device, self.exact))
+                                torch.from_numpy(wx.T.copy()).to(self.device, self.exact),
+                                (max(-top, 0), max(-left, 0)))
         return self._cache[key]

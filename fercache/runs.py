@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fercache.cache import read_meta
 from fercache.errors import UserError, warn
-from fercache.html import write_report
+from fercache.html import Origin, write_report
 from fercache.names import CLASSES, SPLITS, TUNED_CONFIG, default_cache
 from fercache.report import plot_confusion, plot_curves, plot_reliability
 
@@ -34,27 +35,32 @@ def is_tuned(folder: str | os.PathLike) -> bool:
     return (Path(folder) / TUNED_CONFIG).is_file()
 
 
+def origin_of(source: str | os.PathLike | None, cache: Path | None) -> Origin:
+    """Where a run's faces are and how to reopen them: as the `cache` was made (its dataset, a
+    folder's classes, images, the source's fingerprint), at `source`; without a cache, a source
+    read as detected (`finetune --from-images`)."""
+    return Origin.of(read_meta(cache), source) if cache is not None else Origin(str(source or ""))
+
+
 def train_copies(source: str | os.PathLike | None, required: bool,
                  cache: Path | None = None) -> dict[str, list[str]] | None:
     """{test id: [ids of its train copies]} of the source's test faces with an exact or near copy in
     train, at the audit's threshold (`audit.test_duplicates`), kept beside the `cache` (else where
-    the audit keeps it) under the source's fingerprint: found once, then read back in milliseconds.
-    None where the source is not at hand or cannot be audited; an error when `required`
-    (`--exclude-duplicates`)."""
+    the audit keeps it) under the source's fingerprint the cache records: found once from the source
+    opened as the cache was made (`origin_of`), then read back in milliseconds without reading the
+    source again. None where they cannot be found (the source not at hand, or not the one the cache
+    was made from); an error when `required` (`--exclude-duplicates`)."""
     from fercache.audit import test_duplicates
 
-    store = cache.with_suffix(".duplicates.json") if cache is not None else None
-    if not source or not Path(source).exists():
-        if required:
-            raise UserError(f"--exclude-duplicates: the source {source} is not at hand (its faces tell which train "
-                            "faces copy a test face)")
-        return None
+    origin = origin_of(source, cache)
     try:
-        return test_duplicates(source, "near", store)
+        return test_duplicates(origin, "near", cache.with_suffix(".duplicates.json") if cache is not None else None)
     except UserError as exc:
         if required:
-            raise
-        warn(f"test faces with a copy in train not found ({exc}): no test_unseen_accuracy")
+            raise UserError(f"--exclude-duplicates: {exc} (its faces tell which train faces copy a test face)") \
+                from None
+        if origin.at_hand:
+            warn(f"test faces with a copy in train not found ({exc}): no test_unseen_accuracy")
         return None
 
 
@@ -99,7 +105,7 @@ def write_run(folder: Path, metrics: dict, classes: list[str], title: str,
     `report.html` and, unless `curves` is None, `confusion.png` and `curves.png` (the rows, their
     x key, a title). With the test `predictions` (`{"id", "usage", "label", "proba"}`), also
     `predictions.csv` (what `compare` pairs runs by) and `reliability.png`; `source` is the
-    FER2013 file whose faces the report shows."""
+    file or folder whose faces the report shows, read as the run's cache (`metrics["cache"]`) was."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(folder / "history.csv", "w", newline="") as f:
@@ -115,7 +121,8 @@ def write_run(folder: Path, metrics: dict, classes: list[str], title: str,
         plot_curves(rows, folder / "curves.png", x=x, title=curve_title)
         if metrics.get("calibration"):
             plot_reliability(metrics["calibration"], folder / "reliability.png", title)
-    write_report(folder, metrics, predictions, source)
+    cache = metrics["cache"].get("path") if isinstance(metrics.get("cache"), dict) else None
+    write_report(folder, metrics, predictions, origin_of(source, Path(cache) if cache else None))
 
 
 def write_predictions(path: Path, predictions: dict, classes: list[str]) -> None:

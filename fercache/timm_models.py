@@ -21,7 +21,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.data import resolve_data_config
+from timm.data import DEFAULT_CROP_PCT, resolve_data_config
 
 from fercache.backends import Tower
 from fercache.errors import UserError
@@ -46,12 +46,15 @@ class TimmTower(Tower):
         self.image_size = int(size[-1])
 
     def recipe(self) -> Recipe:
+        """timm's eval transform (`transforms_imagenet_eval`): resize to floor(side / crop_pct), its
+        shortest edge (`center`), a square (`squash`) or its longest edge (`border`: ResizeKeepRatio, then
+        padded with the mean colour), then a centre crop to the side (torchvision's pads with 0)."""
         cfg = resolve_data_config(model=self.module)
-        if cfg.get("crop_mode", "center") not in ("center", "squash"):
-            raise UserError(f"timm crop mode '{cfg['crop_mode']}' is not reproduced (center and squash are)")
-        side = cfg["input_size"][-1]
-        return torchvision_recipe(math.floor(side / cfg["crop_pct"]), side, cfg["interpolation"], cfg["mean"],
-                                  cfg["std"])
+        side, mode = cfg["input_size"][-1], cfg.get("crop_mode")
+        fit = {"squash": "square", "border": "longest"}.get(mode, "shortest")  # timm: anything else is `center`
+        fill = [round(255 * v) for v in cfg["mean"]] if mode == "border" else 0
+        return torchvision_recipe(math.floor(side / (cfg.get("crop_pct") or DEFAULT_CROP_PCT)), side,
+                                  cfg["interpolation"], cfg["mean"], cfg["std"], fit, fill)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.forward_features(x), pre_logits=True)

@@ -32,6 +32,18 @@ _spec.loader.exec_module(sys.modules[_spec.name])
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENVFIX), os.environ.get("PYTHONPATH")]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runtime(tmp_path_factory):
+    """Exported ONNX Runtime graphs (`fercache.onnxrt`) go to the session's folder, never ~/.cache,
+    and the encoder runs on torch unless a test asks for ONNX Runtime (tests/test_onnxrt.py): every
+    other test's tiny model would otherwise be exported first. Session-wide, before any fixture
+    of a module or the session extracts a cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FERCACHE_GRAPHS", str(tmp_path_factory.mktemp("graphs")))
+        patch.setenv("FERCACHE_RUNTIME", "torch")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch):
     """Every test runs in its own folder: default caches (./data) and runs (./runs) land there,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import re
 import sys
 import zipfile
 from collections import defaultdict
@@ -221,3 +223,113 @@ def test_cli_json_and_html(planted, tmp_path):
 def test_cli_missing_file_is_exit_2(tmp_path):
     done = cli("audit", "--data", tmp_path / "nowhere.zip")
     assert done.returncode == 2 and done.stderr.startswith("fercache: error:") and "Traceback" not in done.stderr
+
+
+def _in_process(*args: object):
+    """The CLI in this process (a subprocess would import torch again): its exit code and output."""
+    from typer.testing import CliRunner
+
+    from fercache.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _zip_of(path: Path, members: dict[str, np.ndarray]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, pixels in members.items():
+            z.writestr(name, _png(pixels))
+    return path
+
+
+def test_audit_of_a_generic_folder_takes_its_classes_and_colour_files(tmp_path):
+    """`audit --classes` on a `<split>/<class>/` folder of colour images (not 48x48): read as the user
+    named its classes, the files described as stored, the copy across train and test found, and the
+    faces shown in colour."""
+    rng = np.random.default_rng(5)
+    colour = [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+        (40, 56), Image.Resampling.BICUBIC)) for _ in range(16)]
+    members = {f"{split}/{'ab'[k % 2]}/{k}.png": colour[k] for k in range(15)
+               for split in ["train" if k < 10 else "test"]}
+    members["train/b/copy.png"] = members["test/b/11.png"]
+    path = _zip_of(tmp_path / "mine.zip", members)
+    done = _in_process("audit", "--data", path, "--classes", "b,a", "--out", tmp_path / "audit", "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output[done.output.index("{"):])
+    assert report["source"]["dataset"] == "folders" and report["source"]["classes"] == ["b", "a"]
+    assert report["splits"]["train"]["files"]["modes"] == {"RGB": 11}
+    assert report["splits"]["test"]["files"]["sizes"] == {"40x56": 5}
+    exact = report["duplicates"]["exact"]
+    assert (exact["counts"]["across"], exact["counts"]["test_with_train_copy"]) == (1, 1)
+    assert sorted(exact["groups"][0]["ids"]) == ["test/b/11.png", "train/b/copy.png"]
+    assert exact["groups"][0]["labels"] == ["b", "b"]
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    for id_ in exact["groups"][0]["ids"]:  # shown as stored: in colour, 40x56
+        png = re.search(rf'alt="{id_}" src="data:image/png;base64,([^"]+)"', page)[1]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))), members[id_])
+    missing = _in_process("audit", "--data", path, "--out", tmp_path / "none")  # (`main` makes a UserError exit 2)
+    assert isinstance(missing.exception, UserError) and "--classes a,b,c" in str(missing.exception)
+
+
+def _ckplus_like(tmp_path: Path, subjects: int = 6) -> tuple[Path, str, str]:
+    """CK+48's layout (no split; subject in the name): per subject and class two frames a pixel apart;
+    one subject's anger frame copied as another's. Returns the zip and the two copied ids."""
+    rng = np.random.default_rng(7)
+    members = {}
+    for s in range(subjects):
+        for cls in ("anger", "happy", "surprise"):
+            frame = _smooth(rng, 1)[0]
+            near = frame.copy()
+            near[24, 24] ^= 1
+            members[f"CK+48/{cls}/S{100 + s:03d}_001_00000011.png"] = frame
+            members[f"CK+48/{cls}/S{100 + s:03d}_001_00000012.png"] = near
+    members["CK+48/anger/S103_002_00000009.png"] = members["CK+48/anger/S100_001_00000011.png"]
+    return _zip_of(tmp_path / "ck.zip", members), "anger/S100_001_00000011.png", "anger/S103_002_00000009.png"
+
+
+def test_audit_without_a_split_says_so_and_counts_groups_across_subjects(tmp_path):
+    from fercache.extract import extract
+
+    path, original, copy = _ckplus_like(tmp_path)
+    report = A.audit(path, out=tmp_path / "audit", dataset="ckplus48")
+    assert not report["shift"]["flagged"] and report["shift"]["comparisons"] == []
+    assert report["shift"]["verdict"].startswith("no shift test: ckplus48 has no train/test split")
+    exact, near = report["duplicates"]["exact"], report["duplicates"]["near"]
+    assert exact["counts"] == {"groups": 1, "within": 1, "across_subjects": 1, "conflicting_labels": 0, "faces": 2}
+    assert exact["groups"][0]["subjects"] == ["S100", "S103"] and sorted(exact["groups"][0]["ids"]) == [original, copy]
+    # each subject's frame pairs (18), the copied frame joining S100's anger pair
+    assert (near["counts"]["groups"], near["counts"]["across_subjects"], near["counts"]["faces"]) == (18, 1, 37)
+    assert "across" not in near["counts"] and "test_with_train_copy" not in near["counts"]
+    lines = "\n".join(A.summary_lines(report))
+    assert "no copies across splits" in lines and "across_subjects" in lines and "within_test" not in lines
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    assert "Near duplicates across subjects: 1 groups" in page and "<th>comparison</th>" not in page
+
+    # with a cache of it, and no --dataset: read as the cache was made; label errors among all faces,
+    # folds keeping each subject's faces together
+    cache = tmp_path / "ck.h5"
+    extract(path, "all", "pixels", cache=cache, dataset="ckplus48", progress=False)
+    done = _in_process("audit", "--cache", cache, "--out", tmp_path / "cached")
+    assert done.exit_code == 0, done.output
+    assert "of 37 all faces" in done.output and "folds by subject" in done.output
+    report = json.loads((tmp_path / "cached" / "audit.json").read_text())
+    assert report["source"]["dataset"] == "ckplus48" and report["source"]["path"] == str(path)
+    assert report["label_issues"]["among"] == "all" and report["label_issues"]["by_subject"]
+
+
+@pytest.mark.parametrize("name, dataset, files", [("ckplus48.zip", "ckplus48", {"PNG": 981}),
+                                                  ("jaffe.zip", "jaffe", {"TIFF": 213})])
+def test_audit_of_the_real_unsplit_datasets(name, dataset, files, tmp_path):
+    from conftest import REAL_ZIP
+
+    path = REAL_ZIP.parent / name
+    if not path.exists():
+        pytest.skip(f"real data not found at {path}")
+    report = A.audit(path, out=tmp_path, dataset=dataset)
+    assert report["source"]["dataset"] == dataset and list(report["splits"]) == ["all"]
+    assert report["splits"]["all"]["files"]["formats"] == files
+    assert report["shift"]["verdict"].startswith(f"no shift test: {dataset} has no train/test split")
+    counts = report["duplicates"]["near"]["counts"]
+    assert set(counts) == {"groups", "within", "across_subjects", "conflicting_labels", "faces"}
+    assert counts["groups"] == counts["within"] > counts["across_subjects"] > 0
+    page = (tmp_path / "audit.html").read_text()
+    assert ("<img class=smooth" in page) == (dataset == "jaffe")  # 256x256 TIFFs shrunk smoothly; CK+48 is 48x48

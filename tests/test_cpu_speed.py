@@ -1,4 +1,5 @@
-"""`--dtype int8` on the CPU: faithful for every family it applies to, measured and kept with the cache.
+"""`--dtype int8` on the CPU: faithful for every family it applies to, measured and kept with the cache;
+int8 and ONNX Runtime's features reproducible and resumable (`tests/test_onnxrt.py`: the rest of ONNX Runtime).
 
 Speed is `bench/cpu.py`'s business; here only behaviour: fidelity of every family's int8 tower
 against its float32 one, the fidelity measured at extract time, stored, shown by `info` and
@@ -95,12 +96,15 @@ def test_int8_cache_below_the_threshold_is_refused_for_a_float_head(fer_zip, tin
 OPTIONS = dict(layers="1,2", tokens=0, tta="flip")
 
 
-def test_int8_features_are_reproducible_and_resume(fer_zip, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, runtime", [("int8", "torch"), ("int8", "onnxruntime"), ("float32", "onnxruntime")])
+def test_int8_and_onnxruntime_features_are_reproducible_and_resume(dtype, runtime, fer_zip, tiny_model, tmp_path,
+                                                                   monkeypatch):
     resumed_rows = []
 
     def run(cache):
-        summary, = extract(fer_zip, "train", str(tiny_model), "clip", "cpu", "int8", batch_size=4, cache=cache,
-                           progress=False, **OPTIONS)
+        summary, = extract(fer_zip, "train", str(tiny_model), "clip", "cpu", dtype, batch_size=4, cache=cache,
+                           progress=False, runtime=runtime, **OPTIONS)
+        assert read_meta(cache)["runtime"] == runtime
         resumed_rows.append(summary.resumed)
         with h5py.File(cache) as f:
             return {name: f["train"][name][:] for name in ("embeddings", "layers/1", "layers/2", "tokens",

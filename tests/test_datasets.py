@@ -486,3 +486,37 @@ def test_cli_info_reports_subjects_classes_and_dataset(tmp_path):
     assert "labelled folders as zip" in table and table.splitlines()[1].split()[2:4] == ["b", "a"]
     bad = cli("info", path, "--dataset", "nope")
     assert bad.returncode == 2 and "unknown dataset 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generic_folders_refuse_a_class_name_without_a_folder(tmp_path):
+    """A --classes name no folder has is a typo, not an empty class: one line naming it and what is there."""
+    path = make_zip(tmp_path / "mine.zip", {"train/cat/1.png": image(), "test/happy/2.png": image()})
+    with pytest.raises(UserError, match=r"--classes names hapy, but no class folder has that name \(found: cat, happy\)"):
+        open_dataset(path, classes="cat,hapy,happy")
+    assert open_dataset(path, classes="Happy,CAT").classes == ("Happy", "CAT")  # case as folders are matched
+
+
+def test_evaluate_scores_all_by_default_on_a_dataset_without_a_split(fer_zip, tmp_path):
+    """`evaluate --head <FER2013 run> --cache <CK+>` with no --split scores CK+'s only split, `all`."""
+    from fercache.extract import extract
+    from fercache.fit import fit
+
+    for data, cache in ((fer_zip, "fer.h5"), (ckplus_zip(tmp_path), "ck.h5")):
+        extract(data, "all", "pixels", cache=tmp_path / cache, progress=False)
+    fit(tmp_path / "fer.h5", epochs=2, out=tmp_path / "run", plots=False)
+    out = cli("evaluate", "--head", tmp_path / "run", "--cache", tmp_path / "ck.h5", "--out", tmp_path / "eval")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("all (36 faces") and "left out: contempt (12 faces)" in lines[1]
+    assert (tmp_path / "eval" / "evaluate-all.json").is_file()
+    assert cli("evaluate", "--head", tmp_path / "run", "--cache", tmp_path / "fer.h5",
+               "--out", tmp_path / "eval").stdout.startswith("test (14 faces")  # a split dataset: test, as before
+
+
+def test_run_refuses_folds_on_a_split_dataset_before_encoding(fer_zip, tmp_path):
+    """`run --folds` on FER2013 says in one line that it has a split, and writes no cache first."""
+    out = cli("run", "--data", fer_zip, "--model", "pixels", "--folds", "5", "--cache", tmp_path / "c.h5")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith("is fer2013, which has its own train/test split; folds are for datasets "
+                                       "without one (CK+, JAFFE)") and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c.h5").exists()

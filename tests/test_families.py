@@ -188,6 +188,7 @@ def test_text_only_model_is_a_one_line_error(tmp_path, fer_zip):
     ("cpu", {"avx2", "avx512_bf16"}, torch.bfloat16),
     ("cpu", {"amx_bf16", "amx_tile"}, torch.bfloat16),
     ("cpu", set(), torch.float32),  # flags unknown (not Linux): nothing assumed
+    ("cpu", {"avx2", "avx512_bf16", "avx2-capped"}, torch.float32),  # ATEN_CPU_CAPABILITY=avx2: torch may not use it
 ])
 def test_auto_dtype_is_what_the_device_computes_natively(monkeypatch, device, native, expected):
     import fercache.encoder as encoder
@@ -202,6 +203,9 @@ def test_auto_dtype_is_what_the_device_computes_natively(monkeypatch, device, na
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: native)
     else:
         monkeypatch.setattr(encoder, "cpu_flags", lambda: native)
+        capability = "AVX2" if "avx2-capped" in native else "AVX512" if native & {"avx512f", "avx512_bf16", "amx_bf16"} \
+            else "DEFAULT"
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert encoder.pick_dtype("auto", torch.device(device)) == expected
     assert encoder.pick_dtype("float32", torch.device(device)) == torch.float32  # an explicit choice stands
 

@@ -603,3 +603,132 @@ def test_bfloat16_tokens_are_recorded_and_checked(token_cache, tmp_path):
     faces = load_images(data, "test")
     np.testing.assert_allclose(tuned.logits_from_pixels(faces.pixels),
                                tuned.logits_from_tokens(fercache.load_tokens(bf16, "test").X), rtol=0, atol=2e-3)
+
+
+# --- datasets without a split (CK+, JAFFE): subject-independent folds --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ck_tokens(tmp_path_factory, token_cache):
+    """`token_cache`'s tiny CLIP's cache of a small CK+-like zip (6 subjects, 48 faces, split `all`
+    with subjects) with the tokens entering block 2."""
+    from test_datasets import ckplus_zip
+
+    from fercache.extract import extract
+
+    folder = tmp_path_factory.mktemp("ck-tokens")
+    extract(ckplus_zip(folder), "all", str(token_cache[1]), "clip", "cpu", "float32", batch_size=16,
+            cache=folder / "ck.h5", tokens=1, progress=False)
+    return folder / "ck.h5"
+
+
+FOLDS = dict(folds="3", epochs=2, lr=1e-3, batch_size=8, device="cpu", dtype="float32", plots=False, progress=False)
+
+
+def test_finetune_over_folds_keeps_subjects_apart_pools_every_face_once_and_resumes(ck_tokens, tmp_path, monkeypatch):
+    import csv
+
+    from fercache.cache import load_subjects, load_tokens
+
+    subject = dict(zip(load_tokens(ck_tokens, "all").ids, load_subjects(ck_tokens, "all")))
+    calls = []  # (train ids, test ids, folder) of every `tune`
+    real_tune, real_save = ft.tune, ft.save_checkpoint
+
+    def recording_tune(encoder, train, test, settings, out, *args):
+        calls.append((train.ids, test.ids, out.name))
+        return real_tune(encoder, train, test, settings, out, *args)
+
+    monkeypatch.setattr(ft, "tune", recording_tune)
+    whole = ft.finetune(ck_tokens, out=tmp_path / "whole", **FOLDS).metrics
+    assert [c[2] for c in calls] == ["fold-01", "fold-02", "fold-03"]
+    for train_ids, test_ids, _ in calls:  # no person in both parts of a fold; validation is a part of train
+        assert not {subject[i] for i in train_ids} & {subject[i] for i in test_ids}
+    tested = [i for _, test_ids, _ in calls for i in test_ids]
+    assert sorted(tested) == sorted(subject)  # every face held out exactly once
+
+    f = whole["folds"]
+    assert (f["count"], f["subjects"], len(f["per_fold"])) == (3, 6, 3)
+    assert (whole["test_count"], whole["test_split"], whole["dataset"]) == (48, "all", "ckplus48")
+    assert f["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in f["per_fold"]]))
+    assert f["accuracy_std"] == pytest.approx(np.std([r["accuracy"] for r in f["per_fold"]], ddof=1))
+    for key in ("test_accuracy", "test_accuracy_low", "macro_f1", "balanced_accuracy", "calibration", "confusion",
+                "blocks", "settings", "history", "macro_f1_mean", "balanced_accuracy_std"):
+        assert key in whole or key in f, key
+    assert all(r["val_count"] > 0 and not r["read_back"] for r in f["per_fold"]) and whole["settings"]["folds"] == "3"
+    assert {h["fold"] for h in whole["history"]} == {1, 2, 3}
+    with open(tmp_path / "whole" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["id"] for r in rows) == sorted(subject)  # pooled: every face predicted once, by its fold
+    assert all(r["id"] in calls[int(r["fold"]) - 1][1] for r in rows)
+    assert whole["test_accuracy"] == pytest.approx(np.mean([r["label"] == r["predicted"] for r in rows]))
+    for k in (1, 2, 3):  # each fold is a tuned run of its own
+        assert sorted(p.name for p in (tmp_path / "whole" / f"fold-0{k}").iterdir()) == [
+            "fold.json", "tuned.json", "tuned.safetensors"]
+    # fold 2's held-out faces are predicted by fold 2's tuned model, at the epoch chosen on its validation part
+    tokens = load_tokens(ck_tokens, "all")
+    held = [tokens.ids.index(i) for i in calls[1][1]]
+    logits = load_tuned(tmp_path / "whole" / "fold-02", device="cpu").logits_from_tokens(tokens.X[held])
+    proba = {r["id"]: [float(v) for k, v in r.items() if k.startswith("p_")] for r in rows}
+    np.testing.assert_allclose([proba[i] for i in calls[1][1]], torch.softmax(torch.from_numpy(logits), 1), atol=2e-6)
+    assert json.loads((tmp_path / "whole" / "fold-02" / "tuned.json").read_text())["best_epoch"] == \
+        f["per_fold"][1]["best_epoch"]
+
+    # interrupted in fold 2 after its first epoch: fold 1 is read back, fold 2 resumes, fold 3 is tuned
+    def save_then_die(path, model, opt, best, gen, state):
+        real_save(path, model, opt, best, gen, state)
+        if path.parent.name == "fold-02" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(ck_tokens, out=tmp_path / "cut", **FOLDS)
+    monkeypatch.setattr(ft, "save_checkpoint", real_save)
+    calls.clear()
+    cut = ft.finetune(ck_tokens, out=tmp_path / "cut", **FOLDS).metrics
+    assert [c[2] for c in calls] == ["fold-02", "fold-03"]
+    assert [(r["read_back"], r["resumed_from_epoch"]) for r in cut["folds"]["per_fold"]] == [(True, 0), (False, 1),
+                                                                                            (False, 0)]
+    same = (tmp_path / "whole" / "predictions.csv").read_text()
+    assert (tmp_path / "cut" / "predictions.csv").read_text() == same  # as if never interrupted
+    # a later fold's outputs removed: only that fold is tuned again
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "fold-03")
+    calls.clear()
+    again = ft.finetune(ck_tokens, out=tmp_path / "cut", **FOLDS).metrics
+    assert [c[2] for c in calls] == ["fold-03"] and (tmp_path / "cut" / "predictions.csv").read_text() == same
+    assert [r["read_back"] for r in again["folds"]["per_fold"]] == [True, True, False]
+    calls.clear()
+    ft.finetune(ck_tokens, out=tmp_path / "cut", restart=True, **FOLDS)
+    assert len(calls) == 3  # --restart tunes every fold anew
+    with pytest.raises(UserError, match=r"fold-01/fold.json is a fold of another run \(settings differ\); use another "
+                                        "--out, or --restart") as err:
+        ft.finetune(ck_tokens, out=tmp_path / "cut", **{**FOLDS, "lr": 2e-3})
+    assert "\n" not in str(err.value)
+
+
+def test_finetune_folds_through_the_cli_and_its_refusals(ck_tokens, token_cache, tmp_path):
+    from conftest import cli
+
+    run = tmp_path / "run"
+    done = cli("finetune", "--cache", ck_tokens, "--folds", "subjects", "--epochs", "1", "--lr", "1e-3",
+               "--batch-size", "8", "--device", "cpu", "--dtype", "float32", "--out", run)
+    assert done.returncode == 0, done.stderr
+    assert "6 subject-independent folds (6 subjects, --folds subjects)" in done.stdout
+    assert "each fold's tuned model is in its fold-<k>/" in done.stdout and "fold-*/ (tuned.safetensors" in done.stdout
+    assert "each fold chose its epoch on a stratified 10% of its training part" in done.stdout
+    assert all((run / name).exists() for name in ("report.html", "confusion.png", "curves.png", "fold-06/tuned.json"))
+    assert (run / "history.csv").read_text().splitlines()[0].startswith("fold,epoch,")
+    cases = {
+        (): "has no train/test split; cross-validate with --folds K or --folds subjects",
+        ("--folds", "3", "--val", "public_test"): "--folds chooses inside each fold's training part",
+        ("--folds", "3", "--from-images"): "--folds chooses inside each fold's training part",
+        ("--folds", "9"): "--folds 9: choose 2 to 6",
+    }
+    for args, message in cases.items():
+        out = cli("finetune", "--cache", ck_tokens, *args, "--device", "cpu", "--out", tmp_path / "bad")
+        lines = [line for line in out.stderr.splitlines() if line.startswith("fercache: error:")]
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (args, out.stderr)
+    out = cli("finetune", "--cache", token_cache[2], "--folds", "3", "--device", "cpu", "--out", tmp_path / "bad")
+    assert out.returncode == 2 and "--folds 3: " in out.stderr and "holds fer2013's train/test split" in out.stderr

@@ -6,12 +6,15 @@ Tiny random-weight models are built offline and saved the way each library publi
 (`load_encoder`), and every feature is checked on real FER2013 faces against the library's own
 transform (`create_model_and_transforms`' eval preprocess; `resolve_data_config` +
 `create_transform`) and its own model: `encode_image`, `forward_head(..., pre_logits=True)`, and
-block outputs from the library's `forward_intermediates`.
+block outputs from the library's `forward_intermediates`. Native images (`--images native`: any size,
+shape and colour) and each library's other eval modes (OpenCLIP's `longest`, timm's `squash` and
+`border`, a resize below the crop) are checked the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -28,12 +31,13 @@ from timm.data import create_transform, resolve_data_config
 from timm.models import save_for_hf
 
 from conftest import assert_half_precision_agrees, cli
-from fercache.data import open_source
+from fercache.data import decode_native, open_source
 from fercache.encoder import load_encoder
 from fercache.errors import UserError
 from fercache.extract import extract
 from fercache.fit import fit
 from fercache.heads import Head
+from fercache.names import feature_name
 from fercache.zeroshot import CLASS_NAMES, TEMPLATES, zeroshot
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -59,6 +63,13 @@ TIMM = {  # architecture, small arguments, pretrained_cfg overrides: a bilinear 
     "convnext": ("test_convnext", {}, dict(crop_pct=0.91)),
 }
 MODELS = [f"openclip-{n}" for n in OPENCLIP] + [f"timm-{n}" for n in TIMM]
+VARIANTS = {  # the same tiny weights under the libraries' other eval preprocessing: (model, config overrides)
+    "openclip-longest": ("openclip-vit-b-32", {"resize_mode": "longest", "fill_color": 128,
+                                               "interpolation": "bilinear"}),  # padded with gray
+    "timm-squash": ("timm-vit", {"crop_mode": "squash"}),
+    "timm-border": ("timm-eva02", {"crop_mode": "border"}),  # padded with the mean colour
+    "timm-pad": ("timm-convnext", {"crop_pct": 1.15}),  # resized to 139 px: torchvision's CenterCrop pads with 0
+}
 
 
 def save_openclip(folder: Path, config: dict, seed: int = 0) -> Path:
@@ -90,6 +101,43 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def variants(saved, tmp_path_factory) -> dict[str, Path]:
+    """Copies of saved models, other preprocessing configs (OpenCLIP's `preprocess_cfg`, timm's `pretrained_cfg`)."""
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    for name, (base, overrides) in VARIANTS.items():
+        folder = shutil.copytree(saved[base], root / name)
+        path = next(folder / f for f in ("open_clip_config.json", "config.json") if (folder / f).is_file())
+        config = json.loads(path.read_text())
+        config["preprocess_cfg" if base.startswith("openclip") else "pretrained_cfg"].update(overrides)
+        path.write_text(json.dumps(config))
+        out[name] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_images() -> list[np.ndarray]:
+    """Images as `--images native` feeds them, decoded as the datasets decode them (H x W x 3 uint8): 100x100
+    colour (RAF-DB, two: one batch), 256x256 gray and palette (JAFFE), 640x480 colour, and odd shapes
+    smaller than every crop (30x40) or tall (97x45)."""
+    rng = np.random.default_rng(0)
+    palette = Image.fromarray(rng.integers(0, 4, (256, 256), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 90, 30, 9, 50, 150, 50, 200, 90, 240] + [0] * 756)
+    images = [Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)), palette,
+              Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (97, 45, 3), dtype=np.uint8))]
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        out.append(decode_native(buf.getvalue()))
+    return out
+
+
+@pytest.fixture(scope="module")
 def faces(real_zip) -> np.ndarray:
     """Six real FER2013 test faces."""
     return open_source(real_zip).load("test", limit=6).pixels
@@ -108,10 +156,13 @@ class Reference:
             self.model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
             self.transform = create_transform(**resolve_data_config(model=self.model))
         assert type(self.transform).__module__.startswith("torchvision")  # the library's real code path
-        assert any(type(t).__name__ == "Resize" for t in self.transform.transforms)
+        assert any(type(t).__name__ in ("Resize", "ResizeKeepRatio") for t in self.transform.transforms)
 
-    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
-        return torch.stack([self.transform(Image.fromarray(p).convert("RGB")) for p in pixels])
+    def inputs(self, pixels: np.ndarray | list[np.ndarray], flip: bool = False) -> torch.Tensor:
+        """The transform on each image (48x48 gray or H x W x 3), as PIL opens it in RGB (`flip`: mirrored)."""
+        images = [Image.fromarray(p).convert("RGB") for p in pixels]
+        return torch.stack([self.transform(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
+                            for im in images])
 
     @torch.inference_mode()
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +237,29 @@ def test_pooled_layer_and_token_features_equal_the_library_model(name, saved, fa
         assert_close(got[f"layers/{len(blocks)}"], got["embeddings"], "last block vs pooled")
     # the config-only encoder (what extract checks caches with) knows the same sizes without weights
     assert load_encoder(str(saved[name]), "clip", "cpu", "float32", layers="all", weights=False).dims == encoder.dims
+
+
+@pytest.mark.parametrize("name", MODELS + list(VARIANTS))
+def test_native_images_are_preprocessed_as_the_library_transform(name, saved, variants, native_images):
+    """Every size, shape and colour, each mode (shortest, squash, longest, border, a pad): the library's pixels."""
+    folder = {**saved, **variants}[name]
+    ref = Reference(name, folder)
+    encoder = load_encoder(str(folder), "clip", "cpu", "float32")
+    side = encoder.identity.image_size
+    ours, theirs = encoder.prep(native_images), ref.inputs(native_images)
+    assert ours.shape == theirs.shape == (len(native_images), 3, side, side)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-5)  # one 8-bit level is > 0.007
+    gray = np.random.default_rng(1).integers(0, 256, (3, 48, 48), dtype=np.uint8)  # and FER2013's batched path
+    np.testing.assert_allclose(encoder.prep(gray).numpy(), ref.inputs(gray).numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_native_features_equal_the_library_model_on_its_transform(name, saved, native_images):
+    ref = Reference(name, saved[name])
+    got = load_encoder(str(saved[name]), "clip", "cpu", "float32").encode(native_images, ("plain", "flip"))
+    assert_close(got["embeddings"], ref.pooled(ref.inputs(native_images)).numpy(), "native embeddings")
+    assert_close(got[feature_name(None, "flip")], ref.pooled(ref.inputs(native_images, flip=True)).numpy(),
+                 "native mirrored embeddings")
 
 
 @pytest.mark.parametrize("proj", ["", "linear"])

@@ -203,3 +203,76 @@ def test_finetune_and_its_evaluation_report_unseen_accuracy(planted, tokens_cach
 
     kept = finetune(tokens_cache, out=tmp_path / "kept", exclude_duplicates=True, **args).metrics
     assert (kept["train_count"], kept["exclude_duplicates"]) == (35, True)
+
+
+def _colour(rng, n: int, size: tuple[int, int] = (80, 112)) -> list[np.ndarray]:
+    """Smooth colour images (W x H `size`, not 48x48 gray): pHash tells them apart, copies it does not."""
+    from PIL import Image
+
+    return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def folder_zip(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], set[str]]:
+    """A generic `<split>/<class>/` zip of colour images (8 train, 4 test per class), two test faces copied
+    into train (one exactly, one with a pixel changed): the zip, every image by id, the copied test ids."""
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("folders") / "mine.zip"
+    images, copied = {}, set()
+    for split, n in (("train", 8), ("test", 4)):
+        for cls in ("happy", "sad", "calm"):
+            for k, pixels in enumerate(_colour(rng, n)):
+                images[f"{split}/{cls}/{split}{k}.png"] = pixels
+    for k, id_ in enumerate(["test/sad/test0.png", "test/calm/test1.png"]):
+        copy = images[id_].copy()
+        copy[56, 40] ^= 8 * k  # the second: one pixel changed (in the middle: a 48x48 face is its centre square)
+        images[f"train/{id_.split('/')[1]}/copy{k}.png"] = copy
+        copied.add(id_)
+    with zipfile.ZipFile(path, "w") as z:
+        for id_, pixels in images.items():
+            z.writestr(f"mine/{id_}", _jpeg_free(pixels))
+    return path, images, copied
+
+
+def test_a_folder_run_shows_its_faces_as_stored_and_finds_its_copies_once(folder_zip, tmp_path, monkeypatch):
+    """A generic folder dataset (--classes) extracted as native colour images: report.html shows the
+    mistakes as the very images stored; the copies across train and test are found through the
+    cache's dataset and classes (not "unknown"), kept under the fingerprint the cache records, and
+    read back by the next run without reading the source."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    import fercache.audit
+    from fercache.cache import read_meta
+    from fercache.data import Source
+
+    path, images, copied = folder_zip
+    model = save_tiny_clip(tmp_path / "model", image_size=64, layers=1)
+    cache = tmp_path / "mine.h5"
+    extract(path, "all", str(model), device="cpu", dtype="float32", cache=cache, classes="happy,sad,calm",
+            images="native", progress=False)
+    m = fit(cache, out=tmp_path / "run").metrics
+    assert (m["test_count"], m["test_unseen_count"], m["train_with_test_copy"]) == (12, 12 - len(copied), len(copied))
+    rows = read_csv(tmp_path / "run" / "predictions.csv")
+    wrong = [r["id"] for r in rows if r["label"] != r["predicted"]]
+    page = (tmp_path / "run" / "report.html").read_text()
+    shown = re.findall(r'<img class=smooth alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert wrong and "faces are not shown" not in page and sorted(i for i, _ in shown) == sorted(wrong)
+    for id_, png in shown:  # the image as stored: colour, its own size (80x112), its own pixels
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))), images[id_])
+
+    stored = json.loads(cache.with_suffix(".duplicates.json").read_text())
+    assert stored["fingerprint"] == read_meta(cache)["source"]["fingerprint"]
+    assert set(stored["near"]) == copied and set(stored["exact"]) == {"test/sad/test0.png"}
+
+    def never(*args, **kwargs):
+        raise AssertionError("the source was read again")
+
+    monkeypatch.setattr(fercache.audit, "read_faces", never)
+    monkeypatch.setattr(Source, "fingerprint", never)
+    again = fit(cache, out=tmp_path / "again", exclude_duplicates=True).metrics
+    assert (again["train_count"], again["train_with_test_copy"]) == (24, len(copied))
