@@ -48,7 +48,8 @@ import numpy as np
 
 from fercache.data import Source, _usages
 from fercache.errors import FERCacheWarning, UserError, warn
-from fercache.html import CSS, Origin, data_uri, face_img, faces_of
+from fercache.datasets import Origin
+from fercache.html import CSS, data_uri, face_img, faces_of
 from fercache.names import CANONICAL, data_dir
 
 MEDIUM = 0.33  # |Cliff's delta| from which a difference between splits is flagged (Romano et al.'s "medium")
@@ -466,11 +467,9 @@ def test_duplicates(source: str | os.PathLike | Source | Origin | None, kind: st
     recorded = source.fingerprint if isinstance(source, Origin) else ""
     if recorded and (saved := _kept(_store(store, recorded), recorded)) is not None:
         return saved[kind]
-    src = source if isinstance(source, Source) else source.open() if isinstance(source, Origin) else \
+    src = source if isinstance(source, Source) else source.open(verify=True) if isinstance(source, Origin) else \
         open_dataset(source)
     fingerprint = src.fingerprint()
-    if recorded and fingerprint != recorded:
-        raise UserError(f"{src.path} is not the source the cache was made from (its content has changed)")
     path = _store(store, fingerprint)
     if (saved := _kept(path, fingerprint)) is not None:
         return saved[kind]
@@ -628,7 +627,7 @@ def audit(data: str | os.PathLike | None = None, cache: str | os.PathLike | None
     _need("imagehash")
     started = time.perf_counter()
     if cache is not None and dataset is None and classes is None:
-        faces = read_faces(Origin.of(read_meta(Path(cache)), data).open())
+        faces = read_faces(Origin.of(read_meta(Path(cache)), data).open(verify=True))
     else:
         faces = read_faces(data, dataset, classes)
     stats = face_stats(faces.pixels)

@@ -58,8 +58,8 @@ ExcludeDuplicatesOpt = typer.Option(False, "--exclude-duplicates", help="Leave o
 DtypeOpt = typer.Option("auto", help="auto (bfloat16 where native, else float32), float32, bfloat16, float16; "
                         "int8 (CPU: Linear layers quantised, fidelity measured and stored; a cache of its own).")
 RuntimeOpt = typer.Option(None, help="What runs the encoder: auto (ONNX Runtime for float32 and int8 on the CPU "
-                          "where the `cpu` extra is installed, about 2x torch; else torch), torch or onnxruntime "
-                          "[default: $FERCACHE_RUNTIME or auto].")
+                          "where the `cpu` extra is installed: 1.6-2x torch on the CPUs measured; else torch), "
+                          "torch or onnxruntime [default: $FERCACHE_RUNTIME or auto].")
 EncodeBatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass of the encoder.")
 ExtractBatchOpt = typer.Option(None, "--batch-size", help="Images per forward pass of the encoder "
                                "[default: 64; 256 on CUDA].")

@@ -30,6 +30,7 @@ import numpy as np
 
 from fercache.data import USAGES, Entry, Files, Source, find_source, index_files, list_files, open_source
 from fercache.errors import UserError
+from fercache.identity import NATIVE, dataset_of
 from fercache.names import CANONICAL, CLASSES, EXPRESSIONS, SPLITS, data_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -645,3 +646,38 @@ register(Dataset(
     layouts=(Layout("folders", "[<split>/]<class>/<image> with --classes",
                     lambda path, files: bool(files and _images(files)), _folders, auto=False),),
 ))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a cache's faces come from and how it read them: what reopens them (a run's report, the
+    copies across train and test) the way the cache was made."""
+
+    path: str | None  # the source ("": none recorded)
+    dataset: str | None = None  # a `datasets` name; None: detected from the files
+    classes: tuple[str, ...] = ()  # a generic folder's `--classes`, in label order (other datasets name their own)
+    native: bool = False  # the cache saw each image as stored (`--images native`), not 48x48 gray
+    fingerprint: str = ""  # the source's content hash as the cache recorded it ("": unknown)
+
+    @classmethod
+    def of(cls, meta: dict, path: str | os.PathLike | None = None) -> Origin:
+        """From a cache's metadata (`cache.read_meta`); `path` where the source is [default: where it was]."""
+        dataset, classes, _ = dataset_of(meta)
+        source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+        return cls(str(path or source.get("path") or ""), dataset, tuple(classes), meta.get("images") == NATIVE,
+                   source.get("fingerprint", ""))
+
+    @property
+    def at_hand(self) -> bool:
+        return bool(self.path) and Path(self.path).exists()
+
+    def open(self, verify: bool = False) -> Source:
+        """The source indexed as the cache read it (`open_dataset`); a `UserError` where it is not at
+        hand or no longer reads so, and (`verify`: where faces are paired with the cache's rows by id)
+        where its content is no longer what the cache recorded."""
+        if not self.at_hand:
+            raise UserError(f"the source {self.path or '(none recorded)'} is not at hand")
+        source = open_dataset(self.path, self.dataset, self.classes if self.dataset == "folders" else None)
+        if verify and self.fingerprint and source.fingerprint() != self.fingerprint:
+            raise UserError(f"{source.path} is not the source the cache was made from (its content has changed)")
+        return source

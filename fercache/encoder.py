@@ -173,7 +173,8 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     With `weights=False` only the model's config is read: enough for the identity that decides
     whether a cache already holds what is asked, in about a second. `image_size`, which needs the
     image processor (slow to import), is filled in when the weights load. `runtime` (`fercache.onnxrt`):
-    torch, onnxruntime, or None/auto (ONNX Runtime for float32 and int8 on the CPU where installed).
+    torch (the default: callers that tune or read the model itself need it), onnxruntime, or
+    None/auto (ONNX Runtime for float32 and int8 on the CPU where installed), what encodes faces.
     """
     dev = pick_device(device)
     if dtype == INT8:  # the float32 encoder, its Linear layers then quantised (`fercache.accelerate`)

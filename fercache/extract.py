@@ -31,7 +31,7 @@ from fercache.encoder import Encoder, load_encoder, pick_device
 from fercache.errors import UserError, at_least_one, first_line, warn
 from fercache.identity import GRAY48, NATIVE
 from fercache.names import DEFAULT_MODEL, IMAGES, INT8, PIXELS, TTA, choice, default_cache, feature_name
-from fercache.onnxrt import RUNTIME_ENV
+from fercache.onnxrt import RUNTIME_ENV, TORCH, applies
 
 VOTES = "votes"  # FER+'s 10 vote counts per row (float32), stored beside the features where the source has them
 
@@ -123,8 +123,10 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                                        source.dataset, images, identity.dtype)
         if path.exists() and not force:
             held = read_identity(path)
+            # ONNX Runtime where it can run (float32 and int8 on the CPU): else the check below says what differs
+            followed = held.runtime == TORCH or applies(pick_device(device), identity.dtype, model)
             follow = {"revision": held.revision if held.model == model and not revision else "",
-                      "runtime": held.runtime if not (runtime or os.environ.get(RUNTIME_ENV)) else ""}
+                      "runtime": held.runtime if followed and not (runtime or os.environ.get(RUNTIME_ENV)) else ""}
             if any(v and v != getattr(identity, k) for k, v in follow.items()):
                 encoder = load_encoder(model, preprocess, device, dtype, layers, weights=False, tokens=tokens,
                                        revision=follow["revision"] or revision, runtime=follow["runtime"] or runtime)

@@ -17,14 +17,13 @@ import html
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fercache.data import Source
+from fercache.datasets import Origin
 from fercache.errors import FERCacheWarning, UserError
-from fercache.identity import NATIVE, dataset_of
 from fercache.names import CLASSES
 from fercache.report import interval
 
@@ -71,39 +70,6 @@ def face_img(pixels: np.ndarray, alt: str) -> str:
     smooth = max(np.shape(pixels)[:2]) > SHOWN
     return (f'<img{" class=smooth" if smooth else ""} alt="{html.escape(alt)}" '
             f'src="{data_uri(face_png(pixels))}">')
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a cache's faces come from and how it read them: what reopens them (a run's report, the
-    copies across train and test) the way the cache was made."""
-
-    path: str | None  # the source ("": none recorded)
-    dataset: str | None = None  # a `datasets` name; None: detected from the files
-    classes: tuple[str, ...] = ()  # a generic folder's `--classes`, in label order (other datasets name their own)
-    native: bool = False  # the cache saw each image as stored (`--images native`), not 48x48 gray
-    fingerprint: str = ""  # the source's content hash as the cache recorded it ("": unknown)
-
-    @classmethod
-    def of(cls, meta: dict, path: str | os.PathLike | None = None) -> Origin:
-        """From a cache's metadata (`cache.read_meta`); `path` where the source is [default: where it was]."""
-        dataset, classes, _ = dataset_of(meta)
-        source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-        return cls(str(path or source.get("path") or ""), dataset, tuple(classes), meta.get("images") == NATIVE,
-                   source.get("fingerprint", ""))
-
-    @property
-    def at_hand(self) -> bool:
-        return bool(self.path) and Path(self.path).exists()
-
-    def open(self) -> Source:
-        """The source indexed as the cache read it (`datasets.open_dataset`); a `UserError` where it is
-        not at hand or no longer reads so."""
-        from fercache.datasets import open_dataset
-
-        if not self.at_hand:
-            raise UserError(f"the source {self.path or '(none recorded)'} is not at hand")
-        return open_dataset(self.path, self.dataset, self.classes if self.dataset == "folders" else None)
 
 
 def faces_of(source: Source, ids: list[str], native: bool = False) -> dict[str, np.ndarray]:

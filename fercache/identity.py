@@ -3,14 +3,16 @@
 Two caches may share rows, a head may score a cache, ranks may join one cache, and a resumed run
 may reuse a part file only when the features come from the same encoder (model, revision,
 weights, preprocessing, feature, image size, and the images it saw: 48x48 gray or native) and,
-for rows in one file, the same dtype and runtime (torch or ONNX Runtime), stored layers, views, dataset and class order (a folder's
-fingerprint does not change with `--classes` order; its labels do). `Identity.differences` names
-every field that differs, so each refusal is one line that says what differs.
+for rows in one file, the same dtype and runtime (torch or ONNX Runtime), stored layers, views,
+dataset and class order (a folder's fingerprint does not change with `--classes` order; its
+labels do). `Identity.differences` names every field that differs, so each refusal is one line
+that says what differs.
 
 Stored flat, as a cache's root attributes and in `head.json`, under the keys of `ATTRS`. Files
 written by fercache 0.1.0 lack `model_weights` (and heads `image_size`), before 0.3.0 `images`
-and (heads) `classes` in the identity, before 0.4.0 `runtime`; an empty value means
-"not known" and is not compared, so they still load.
+and (heads) `classes` in the identity; an empty value means "not known" and is not compared, so
+they still load. Files before 0.4.0 record no `runtime`: their neural encoders ran on torch, and
+read so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fercache.errors import UserError
-from fercache.names import CANONICAL, CLASSES
+from fercache.names import CANONICAL, CLASSES, PIXELS
 
 # field -> key in cache attributes and head.json (0.1.0's names, kept so old files read as they are)
 ATTRS = {"model": "model", "revision": "model_revision", "weights": "model_weights", "preprocess": "preprocess",
@@ -50,7 +52,7 @@ class Identity:
     source: str = ""  # the dataset's content fingerprint ("" for a head: heads score any source)
     images: str = ""  # GRAY48 or NATIVE ("": not recorded, files before 0.3.0: always GRAY48)
     classes: tuple[str, ...] = ()  # the rows' label names in label order (a folder's --classes order too)
-    runtime: str = ""  # what ran the encoder: torch or onnxruntime ("": the pixels baseline, files before 0.4.0)
+    runtime: str = ""  # what ran the encoder: torch or onnxruntime ("": the pixels baseline)
 
     def to_meta(self, keys: tuple[str, ...] = tuple(ATTRS)) -> dict:
         """The flat attributes a cache's root (all keys) or `head.json` (`HEAD`) stores, JSON-friendly."""
@@ -76,7 +78,9 @@ class Identity:
                    weights=meta.get("model_weights") or "", layers=tuple(meta.get("layers") or ()),
                    tokens=int(tokens) if tokens is not None and tokens != -1 else None,
                    views=tuple(meta.get("views") or ("plain",)), images=meta.get("images") or "",
-                   classes=tuple(meta.get("classes") or ()), runtime=meta.get("runtime") or "",
+                   classes=tuple(meta.get("classes") or ()),
+                   # files before 0.4.0 ran every neural encoder on torch
+                   runtime=meta["runtime"] if "runtime" in meta else "" if meta["model"] == PIXELS else "torch",
                    source=source.get("fingerprint", "") if isinstance(source, dict) else str(source))
 
     def encoder(self) -> Identity:

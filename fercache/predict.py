@@ -148,7 +148,7 @@ class Scorer:
         self.encoder = load_encoder(  # the very weights it was fitted on:
             self.model, head.identity.preprocess, device, head.identity.dtype,
             layers=str(layer) if layer is not None else None, revision=head.identity.revision or None,
-            fingerprint=head.identity.weights)
+            fingerprint=head.identity.weights, runtime=None)  # as `extract` encodes: ONNX Runtime on a CPU
         check_head(head, self.encoder.identity, f"model '{self.model}'")
         self.views = ("plain", "flip") if head.views == "mean" else (head.views,)
         self.names = [feature_name(layer, view) for view in self.views]

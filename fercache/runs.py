@@ -18,7 +18,8 @@ import numpy as np
 
 from fercache.cache import read_meta
 from fercache.errors import UserError, warn
-from fercache.html import Origin, write_report
+from fercache.datasets import Origin
+from fercache.html import write_report
 from fercache.names import CLASSES, SPLITS, TUNED_CONFIG, default_cache
 from fercache.report import plot_confusion, plot_curves, plot_reliability
 

@@ -23,6 +23,8 @@ BASE = Identity("org/model", "clip", "pooler_output", "float32", image_size=224,
 
 def test_identity_round_trips_through_its_stored_form():
     assert Identity.from_meta(json.loads(json.dumps(BASE.to_meta()))) == BASE
+    old = {k: v for k, v in BASE.to_meta().items() if k != "runtime"}  # a file before 0.4.0: torch ran it
+    assert Identity.from_meta(old).runtime == "torch" and Identity.from_meta({**old, "model": "pixels"}).runtime == ""
     assert BASE.encoder() == replace(BASE, layers=(), views=("plain",), source="")
 
 

@@ -8,7 +8,10 @@ Speed is `bench/cpu.py`'s business; here only behaviour.
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,7 @@ import test_openclip_timm
 from conftest import cli, save_tiny_clip
 from fercache import onnxrt
 from fercache.accelerate import INT8_MIN_COSINE
-from fercache.cache import read_meta
+from fercache.cache import read_identity, read_meta
 from fercache.encoder import load_encoder
 from fercache.errors import FERCacheWarning, UserError
 from fercache.extract import extract
@@ -87,6 +90,11 @@ def test_a_graph_is_built_once_per_weights_and_refused_when_damaged(tmp_path, ca
     assert not np.allclose(b.encode(pixels)["embeddings"], a.encode(pixels)["embeddings"])
     layers = load_encoder(str(first), "clip", "cpu", "float32", runtime="onnxruntime", layers="1")  # other outputs
     assert built(capfd) and layers.graph.folder != a.graph.folder
+    left = a.graph.folder.parent / f".{a.graph.folder.name}.{socket.gethostname()}.999999999.x"  # a killed build's
+    left.mkdir()
+    shutil.rmtree(a.graph.folder)
+    a = load_encoder(str(first), "clip", "cpu", "float32", runtime="onnxruntime")  # built anew, said so
+    assert built(capfd) and not left.exists()
     meta = json.loads((a.graph.folder / "graph.json").read_text())
     assert meta["cosine_to_torch"] >= onnxrt.MIN_COSINE and meta["fingerprint"].startswith(a.graph.folder.name[-20:])
     with open(a.graph.folder / "model.onnx", "ab") as f:
@@ -113,19 +121,24 @@ def test_auto_picks_onnxruntime_for_float32_and_int8_on_the_cpu(monkeypatch):
     monkeypatch.setattr(onnxrt, "available", lambda: False)  # the `cpu` extra not installed
     with pytest.warns(FERCacheWarning, match=r"pip install 'fercache\[cpu\]'"):
         assert onnxrt.pick_runtime("auto", cpu, "float32", "m") == "torch"
-    with pytest.raises(UserError, match=r"needs ONNX Runtime: pip install 'fercache\[cpu\]'"):
+    with pytest.raises(UserError, match=r"but not installed: pip install 'fercache\[cpu\]'"):
         onnxrt.pick_runtime("onnxruntime", cpu, "float32", "m")
 
 
-def test_a_cache_goes_on_with_its_runtime_and_says_it(fer_zip, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("made_by", ["0.4.0", "0.3.0"])
+def test_a_cache_goes_on_with_its_runtime_and_says_it(made_by, fer_zip, tiny_model, tmp_path, monkeypatch):
     cache = tmp_path / "c.h5"
     extract(fer_zip, "train", str(tiny_model), "clip", "cpu", "float32", batch_size=8, cache=cache, progress=False)
     assert read_meta(cache)["runtime"] == "torch"  # FERCACHE_RUNTIME=torch in the suite
+    if made_by == "0.3.0":  # no runtime recorded: it ran on torch, and reads so
+        with h5py.File(cache, "a") as f:
+            del f.attrs["runtime"]
     monkeypatch.delenv("FERCACHE_RUNTIME")  # auto would pick ONNX Runtime: the cache's torch goes on
     extract(fer_zip, "test", str(tiny_model), "clip", "cpu", "float32", batch_size=8, cache=cache, progress=False)
     with pytest.raises(UserError, match="runtime 'torch' vs 'onnxruntime'"):  # asked: refused, not mixed
         extract(fer_zip, "test", str(tiny_model), "clip", "cpu", "float32", batch_size=8, cache=cache,
                 progress=False, runtime="onnxruntime", force=False, limit=3)
+    assert read_identity(cache).runtime == "torch"
     out = cli("info", cache)
     assert out.returncode == 0 and "float32 on torch" in out.stdout
     out = cli("extract", "--data", fer_zip, "--model", "pixels", "--runtime", "onnxruntime", "--cache", tmp_path / "p.h5")
@@ -137,3 +150,14 @@ def test_int8_gets_a_default_cache_of_its_own(tiny_model):
 
     assert default_cache(str(tiny_model), dtype="int8").name.endswith("__int8.h5")
     assert default_cache(str(tiny_model), dtype="float32") == default_cache(str(tiny_model))
+
+
+def test_predict_encodes_as_extract_does(tiny_head, monkeypatch):
+    from fercache.predict import Scorer
+
+    monkeypatch.delenv("FERCACHE_RUNTIME")
+    scorer = Scorer(tiny_head, "cpu")
+    assert scorer.encoder.identity.runtime == "onnxruntime"
+    pixels = test_families.faces(3)
+    monkeypatch.setenv("FERCACHE_RUNTIME", "torch")
+    np.testing.assert_allclose(scorer.probs(pixels), Scorer(tiny_head, "cpu").probs(pixels), atol=1e-5)
