@@ -454,6 +454,11 @@ def predict(
 
     if (video is None) == (not images):
         raise UserError("predict takes image files or --video FILE (one of the two)")
+    video_only = [f"--{k}" for k, v in (("fps", fps), ("annotate", annotate), ("out", out)) if v is not None]
+    if video is None and video_only:
+        raise UserError(f"{' and '.join(video_only)}: for --video; images are labelled on the screen (or --json)")
+    if video is not None and detect_face:
+        raise UserError("--detect-face: for images; --video finds every face of every frame itself")
     if video is not None:
         from fercache.video import predict_video
 

@@ -134,7 +134,8 @@ def write_report(folder: str | os.PathLike, metrics: dict, predictions: dict | N
         parts.append(f"<p>--exclude-duplicates: the {m['train_with_test_copy']:,} train faces with a copy (exact or "
                      "near) among the test faces were left out of training</p>")
     elif "test_unseen_count" in m and m["test_unseen_count"] is None:
-        parts.append("<p class=note>which test faces have a copy in train is unknown: the source is not at hand</p>")
+        parts.append("<p class=note>which test faces have a copy in train is unknown: the source is not at hand, "
+                     "or could not be audited (fercache said which when this run was made)</p>")
     if folds:
         keys = [k for k in ("accuracy", "macro_f1", "balanced_accuracy") if f"{k}_mean" in folds]
         parts.append("<h2>Per fold</h2><table><tr><th>fold</th><th>train</th><th>test</th><th>test subjects</th>"

@@ -45,7 +45,8 @@ def unseen_line(figures: dict) -> str:
     """The CLI's line on the test faces that have no copy in train (`stats.unseen_figures`)."""
     count = figures.get("test_unseen_count")
     if count is None:
-        return "test faces with no copy in train: unknown (the source the cache names is not at hand)"
+        return ("test faces with no copy in train: unknown (the source the cache names is not at hand, or cannot be "
+                "audited: the warning above says which)")
     line = (f"test faces with no copy in train: accuracy {with_interval(figures, 'test_unseen_accuracy')} on {count:,}"
             if count else "every test face has a copy in train: no test_unseen_accuracy")
     left_out = figures.get("train_with_test_copy", figures.get("excluded"))

@@ -120,16 +120,16 @@ def predict_video(head_dir: str | os.PathLike, video: str | os.PathLike, out: st
         warn(f"{video}: no frame rate recorded; assuming 25 frames/s")
         source_fps = 25.0
     total = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))) or None  # streams say -1 or 0: unknown
-    scorer = Scorer(head_dir, device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     writer = None
-    if annotate is not None:
+    if annotate is not None:  # refused before the model loads, not after
         height, width = bgr.shape[:2]
         writer = cv2.VideoWriter(str(annotate), cv2.VideoWriter_fourcc(*"mp4v"), min(fps or source_fps, source_fps),
                                  (width, height))
         if not writer.isOpened():
             raise UserError(f"{annotate}: cannot write a video there (OpenCV's mp4v writer refused it)")
+    scorer = Scorer(head_dir, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tracker, rows, index, frames = IoUTracker(), [], 0, 0
     expected = None if total is None else sum(sampled(i, fps, source_fps) for i in range(total))
     try:

@@ -124,6 +124,9 @@ def test_unreadable_video_no_face_and_mixed_inputs_are_one_line_errors(tiny_head
         ("--video", blank, "--fps", "0"): "--fps must be positive",
         ("--video", blank, tmp_path / "notes.mp4"): "predict takes image files or --video FILE",
         (): "predict takes image files or --video FILE",
+        (tmp_path / "face.png", "--fps", "2"): "--fps and --out: for --video",  # not silently ignored
+        ("--video", blank, "--detect-face"): "--detect-face: for images",
+        ("--video", blank, "--annotate", tmp_path / "no" / "such" / "x.mp4"): "cannot write a video there",
     }
     for args, message in cases.items():
         result = CliRunner().invoke(app, ["predict", "--head", str(tiny_head), "--device", "cpu",
