@@ -12,8 +12,9 @@ int8 features are not float32 features: how close they are is measured on the da
 time (`int8_fidelity`: the lowest cosine, over the first batch, between the int8 tower's pooled
 features and the float32 tower's), stored in the cache's metadata, shown by `fercache info`, and
 a cache below `INT8_MIN_COSINE` is refused for heads fitted on float features (`check_int8`).
-Activations are quantised with one scale per batch, so features depend on the batch they were
-encoded in: reproducible run to run with the same `--batch-size`, as extract's CPU batches are.
+Activations are quantised with one scale per call. ONNX Runtime's graph is run face by face, so
+its features do not depend on the batch; torch's are quantised per batch, so they depend on the
+batch they were encoded in: reproducible run to run with the same `--batch-size` and ranks.
 """
 
 from __future__ import annotations

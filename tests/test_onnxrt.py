@@ -72,6 +72,17 @@ def test_onnxruntime_features_are_faithful_for_every_family(name, checkouts):
     assert not np.array_equal(got8["embeddings"], got["embeddings"])  # int8 really ran
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_face_gets_the_same_features_in_any_batch(dtype, tiny_model):
+    """Resume with another --batch-size, other ranks, `predict` of one face: the same features (int8 included)."""
+    enc = load_encoder(str(tiny_model), "clip", "cpu", dtype, runtime="onnxruntime")
+    pixels = test_families.faces(7, seed=4)
+    whole = enc.encode(pixels)["embeddings"]
+    apart = np.concatenate([enc.encode(pixels[:3])["embeddings"], enc.encode(pixels[3:])["embeddings"]])
+    np.testing.assert_array_equal(apart, whole)
+    np.testing.assert_array_equal(enc.encode(pixels[5:6])["embeddings"], whole[5:6])
+
+
 def built(capfd) -> bool:
     return "building the ONNX Runtime graph" in capfd.readouterr().err
 
