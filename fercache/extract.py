@@ -9,6 +9,7 @@ each rank encodes a contiguous shard into its own part file and rank 0 commits t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import queue
 import threading
@@ -147,10 +148,12 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                 replace = True
 
         summaries, todo = [], []
+        redone = forced_splits(path) if force else {}  # what this --force command, interrupted, redid already
         for name in (_all_splits(source) if split == "all" else [split]):
             count = len(source.select(name)[:limit])
             selection = {"split": name, "limit": limit, "count": count}
-            if path.exists() and not (force or replace) and split_state(path, name)[1] == selection:
+            if (path.exists() and not replace and (not force or redone.get(name) == selection)
+                    and split_state(path, name)[1] == selection):
                 summaries.append(Summary(name, count, encoder.dim, 0.0, path, skipped=True))
             else:
                 todo.append((name, selection))
@@ -203,9 +206,34 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                                     "the cache must be on a filesystem they all share")
                 resumed = resumed_rows(parts)  # every rank's, as `count` is every rank's
                 count = commit(path, name, parts, meta, selection, replace=replace)
+                if force:
+                    _write_json(forcing_path(path), {**forced_splits(path), name: selection})
         replace = False
         summaries.append(Summary(name, count, encoder.dim, time.perf_counter() - start, path, resumed=resumed))
+    if rank == 0:
+        forcing_path(path).unlink(missing_ok=True)  # the command is done: a later --force redoes everything
     return summaries
+
+
+def forcing_path(cache: Path) -> Path:
+    """Beside the cache, while a `--force` command runs: the splits it has committed, so that the same
+    command run again after an interruption keeps them (its parts it resumes anyway) instead of
+    encoding them a second time."""
+    return cache.with_name(cache.name + ".forcing")
+
+
+def forced_splits(cache: Path) -> dict:
+    """{split: selection} of what an unfinished `--force` command committed to `cache` ({} if none)."""
+    try:
+        return json.loads(forcing_path(cache).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encoder, views: tuple[str, ...],

@@ -21,7 +21,7 @@ from fercache.cache import PartFile, cache_meta, commit, load_embeddings, part_p
 from fercache.data import Source
 from fercache.encoder import Encoder
 from fercache.errors import FERCacheWarning, UserError
-from fercache.extract import extract, shard_bounds
+from fercache.extract import extract, forcing_path, shard_bounds
 from fercache.identity import Identity
 from fercache.names import feature_name
 
@@ -246,6 +246,23 @@ def test_an_interrupted_force_run_resumes_when_run_again(fer_zip, tiny_model, tm
     fresh = tmp_path / "fresh.h5"
     extract(fer_zip, "test", str(tiny_model), batch_size=4, cache=fresh, **ARGS)
     np.testing.assert_array_equal(load_embeddings(cache, "test").X, load_embeddings(fresh, "test").X)
+
+
+def test_an_interrupted_force_run_keeps_the_splits_it_committed(fer_zip, tiny_model, tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    args = dict(batch_size=7, cache=cache, **ARGS)
+    extract(fer_zip, "all", str(tiny_model), **args)
+    with monkeypatch.context() as m:  # --force: train (3 batches) redone and committed, then test breaks
+        failing_encoder(m, on_call=5)
+        with pytest.raises(RuntimeError):
+            extract(fer_zip, "all", str(tiny_model), force=True, **args)
+    assert json.loads(forcing_path(cache).read_text()) == {"train": {"split": "train", "limit": None, "count": 21}}
+    decoded = decodes(monkeypatch)
+    again = extract(fer_zip, "all", str(tiny_model), force=True, **args)  # the same command: train kept
+    assert [(s.split, s.skipped, s.resumed) for s in again] == [("train", True, 0), ("test", False, 7)]
+    assert sum(map(len, decoded)) == 7 and not forcing_path(cache).exists()
+    later = extract(fer_zip, "all", str(tiny_model), force=True, **args)  # a new --force redoes everything
+    assert [s.skipped for s in later] == [False, False] and sum(map(len, decoded)) == 7 + 35
 
 
 def test_a_filesystem_without_locks_is_said_in_one_line(fer_zip, tiny_model, tmp_path, monkeypatch):
