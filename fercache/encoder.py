@@ -197,6 +197,7 @@ def load_encoder(model: str = DEFAULT_MODEL, preprocess: str = "clip", device: s
     enc.identity = replace(enc.identity, runtime=pick_runtime(runtime, dev, enc.identity.dtype, model))
     if enc.identity.runtime == ORT and enc.model is not None:
         enc.graph = onnx_graph(enc)
+        enc.model.to("meta")  # ONNX Runtime holds the weights now: torch's copy is let go (the module stays)
     return enc
 
 

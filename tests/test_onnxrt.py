@@ -58,6 +58,7 @@ def test_onnxruntime_features_are_faithful_for_every_family(name, checkouts):
     ref = load_encoder(str(checkouts[name]), "clip", "cpu", "float32", runtime="torch", **options).encode(pixels, views)
     enc = load_encoder(str(checkouts[name]), "clip", "cpu", "float32", runtime="onnxruntime", **options)
     assert enc.identity.runtime == "onnxruntime" and enc.graph is not None
+    assert {p.device.type for p in enc.model.parameters()} == {"meta"}  # torch's copy of the weights let go
     got = enc.encode(pixels, views)
     assert all(got[k].dtype == ref[k].dtype for k in ref)  # tokens float16 as stored, the rest float32
     assert min(cosines(got, ref).values()) >= onnxrt.MIN_COSINE
