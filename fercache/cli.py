@@ -401,15 +401,11 @@ def evaluate(
 ) -> None:
     """Score a saved head on a split of a cache made with the same model and preprocessing; on another
     dataset's cache, on the classes the two share (matched by expression), naming those left out."""
-    from fercache.cache import split_state
     from fercache.fit import evaluate as run_evaluate
     from fercache.report import format_table, unseen_line, with_interval
-    from fercache.runs import resolve_cache
 
-    if split is None:  # a dataset without a split (CK+, JAFFE) is stored whole, as `all`
-        path = resolve_cache(cache)
-        split = "all" if path.is_file() and split_state(path, "all")[1] is not None else "test"
     report = run_evaluate(cache, head, split, out, exclude_duplicates=exclude_duplicates)
+    split = report["split"]
     if as_json:
         return _emit(report)
     def figure(key: str) -> str:

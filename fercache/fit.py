@@ -19,7 +19,7 @@ import numpy as np
 
 from fercache.accelerate import check_int8
 from fercache.cache import (Embeddings, load_embeddings, load_subjects, load_votes, read_identity, read_meta,
-                            usage_of)
+                            split_state, usage_of)
 from fercache.crossdata import class_map, restricted_scores
 from fercache.errors import UserError, at_least_one
 from fercache.folds import check_folds, cross_validate, pooled_figures
@@ -225,14 +225,18 @@ def check_head(head: Head, identity: Identity, where: object) -> None:
         identity.check(head.identity, where, ENCODER, hint="the head was fitted on features of another encoder")
 
 
-def evaluate(cache: str | os.PathLike | None, head_dir: str | os.PathLike, split: str = "test",
+def evaluate(cache: str | os.PathLike | None, head_dir: str | os.PathLike, split: str | None = None,
              out: str | os.PathLike | None = None, plots: bool = True, exclude_duplicates: bool = False) -> dict:
     """Score a saved head on one split of a cache; writes `evaluate-<split>.json` (and its confusion plot).
 
+    `split` defaults to test, or `all` for a dataset without a split (CK+, JAFFE: stored whole).
     A `finetune` run folder is scored too, from the tokens its cache stores (`finetune.evaluate_tuned`).
     On a test split, `test_unseen_accuracy` is the accuracy on its faces with no copy in train;
     `exclude_duplicates` scores only the faces without a copy across train and test.
     """
+    if split is None:
+        stored = resolve_cache(cache)
+        split = "all" if stored.is_file() and split_state(stored, "all")[1] is not None else "test"
     if is_tuned(head_dir):
         from fercache.finetune import evaluate_tuned
 
