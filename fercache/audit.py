@@ -462,6 +462,7 @@ def test_duplicates(source: str | os.PathLike | Source | Origin | None, kind: st
     """
     if kind not in ("exact", "near"):
         raise UserError(f"unknown duplicate kind '{kind}': choose exact or near")
+    from fercache.cache import write_json
     from fercache.datasets import open_dataset
 
     recorded = source.fingerprint if isinstance(source, Origin) else ""
@@ -482,9 +483,7 @@ def test_duplicates(source: str | os.PathLike | Source | Origin | None, kind: st
                        for g in gs if train[g].any() for t in g[test[g]]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "phash_bits": HASH_BITS, **found}))
-        tmp.replace(path)
+        write_json(path, {"fingerprint": fingerprint, "phash_bits": HASH_BITS, **found})
     except OSError as exc:
         warn(f"{path}: could not keep the duplicate list ({exc}); it is recomputed next time")
     return found[kind]

@@ -66,6 +66,13 @@ SLICE_BYTES = 64 * 2**20  # commit moves rows from the parts into the cache this
 CHUNK_BYTES = 4 * 2**20  # a cache dataset's chunks hold at most 1,024 rows and about this much
 
 
+def write_json(path: Path, value: object) -> None:
+    """A small JSON file beside a cache or run, whole or not at all: written aside, then renamed over."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
+
+
 def fercache_version() -> str:
     try:
         return version("fercache")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fercache.accelerate import INT8_FIDELITY, int8_fidelity
 from fercache.cache import (PartFile, cache_meta, commit, part_path, read_identity, resumed_rows, shard_digest,
-                            split_state)
+                            split_state, write_json)
 from fercache.data import Entry, Source
 from fercache.datasets import open_dataset
 from fercache.distributed import agree, check_peers, rank_and_world, step
@@ -207,7 +207,7 @@ def extract(data: str | os.PathLike | None = None, split: str = "train", model: 
                 resumed = resumed_rows(parts)  # every rank's, as `count` is every rank's
                 count = commit(path, name, parts, meta, selection, replace=replace)
                 if force:
-                    _write_json(forcing_path(path), {**forced_splits(path), name: selection})
+                    write_json(forcing_path(path), {**forced_splits(path), name: selection})
         replace = False
         summaries.append(Summary(name, count, encoder.dim, time.perf_counter() - start, path, resumed=resumed))
     if rank == 0:
@@ -229,11 +229,6 @@ def forced_splits(cache: Path) -> dict:
     except (OSError, ValueError):
         return {}
 
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def _encode(source: Source, entries: list[Entry], part: PartFile, encoder: Encoder, views: tuple[str, ...],

@@ -895,6 +895,7 @@ def tune_folds(encoder: Encoder, every: Split, subjects: list[str], folds: int |
     fold resumes from its checkpoint; `restart` tunes every fold anew. The summary's per-fold rows
     add `best_epoch`, `val_count`, `resumed_from_epoch` and `read_back`.
     """
+    from fercache.cache import write_json
     from fercache.folds import cross_validate
 
     done: list[dict] = []
@@ -914,9 +915,7 @@ def tune_folds(encoder: Encoder, every: Split, subjects: list[str], folds: int |
                       "resumed_from_epoch": result.resumed_from, "probe": result.probe, "history": result.history,
                       "epoch_seconds": result.epoch_seconds, "test_ids": [every.ids[i] for i in test_rows],
                       "test_logits": result.test_logits.tolist()}  # float32 -> float64: exact, read back bit for bit
-            tmp = sub / f"{FOLD}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, sub / FOLD)
+            write_json(sub / FOLD, record)
         done.append({**record, "read_back": read_back})
         logits = torch.from_numpy(np.asarray(record["test_logits"], dtype=np.float32))
         return torch.softmax(logits, 1).numpy()
